@@ -1,0 +1,114 @@
+"""The model bundle as the runtime sees it: a directory with manifest.json, model.onnx (+ external
+data) and tokenizer.json. Loading verifies the format version and every file's sha256 before
+anything is handed to a backend, so a corrupt or foreign bundle fails with a message naming the
+problem instead of as a crash deep inside ONNX Runtime."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgert.model_config import ModelConfig
+
+FORMAT = "edgert-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class BundleError(ValueError):
+    """The bundle cannot be used; the message says which file and why."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.manifest["config"])
+
+    @property
+    def graph(self) -> dict[str, Any]:
+        return self.manifest["graph"]
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.graph["file"]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / self.manifest["tokenizer"]["file"]
+
+    @property
+    def tokenizer_info(self) -> dict[str, Any]:
+        return self.manifest["tokenizer"]
+
+    @property
+    def kv(self) -> dict[str, Any]:
+        return self.manifest["kv"]
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["precision"]
+
+    @property
+    def name(self) -> str:
+        return self.manifest.get("name") or self.path.name
+
+    def weights_bytes(self) -> int:
+        return sum(f["bytes"] for name, f in self.manifest["files"].items()
+                   if name.startswith(Path(self.graph["file"]).stem))
+
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = True) -> Bundle:
+        """Read and check a bundle. `verify` hashes every file (about 1 s per 500 MB)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise BundleError(f"{path}: not a bundle directory")
+        mpath = path / MANIFEST
+        if not mpath.is_file():
+            raise BundleError(f"{path}: no {MANIFEST}; is this an edgert bundle?")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BundleError(f"{mpath}: not valid JSON ({e})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise BundleError(f"{mpath}: not an edgert bundle manifest (format != {FORMAT!r})")
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(
+                f"{mpath}: bundle format version {version!r}, this edgert reads version "
+                f"{FORMAT_VERSION}; re-export the model with this edgert version")
+        for key in ("config", "graph", "tokenizer", "kv", "files", "precision"):
+            if key not in manifest:
+                raise BundleError(f"{mpath}: manifest lacks {key!r}")
+        for name, info in manifest["files"].items():
+            fpath = path / name
+            if not fpath.is_file():
+                raise BundleError(f"{path}: file {name} listed in the manifest is missing")
+            size = fpath.stat().st_size
+            if size != info["bytes"]:
+                raise BundleError(
+                    f"{fpath}: size {size} bytes, manifest says {info['bytes']}: file is corrupt")
+            if verify and sha256_file(fpath) != info["sha256"]:
+                raise BundleError(f"{fpath}: sha256 does not match the manifest: file is corrupt")
+        for needed in (manifest["graph"]["file"], manifest["tokenizer"]["file"]):
+            if needed not in manifest["files"]:
+                raise BundleError(f"{mpath}: {needed} is not covered by the manifest's checksums")
+        try:
+            ModelConfig.from_dict(manifest["config"])
+        except TypeError as e:
+            raise BundleError(f"{mpath}: config does not match this edgert version ({e})") from None
+        return cls(path, manifest)

@@ -1,0 +1,1 @@
+"""Host-side export pipeline: HF checkpoint or GGUF -> paged-KV ONNX graph -> model bundle."""

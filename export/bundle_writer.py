@@ -1,0 +1,93 @@
+"""Writes a bundle directory from a Checkpoint. The bundle is assembled in a temporary directory
+beside the target and renamed into place only when complete, so an interrupted or failed export
+never leaves a half-written bundle that looks valid."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+from tqdm import tqdm
+
+from edgert import __version__
+from edgert.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from export.checkpoint import Checkpoint
+from export.graph import IO, OPSET, build_decoder
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def graph_io_manifest(num_layers: int) -> dict[str, Any]:
+    return {
+        "inputs": {k: getattr(IO, k) for k in ("input_ids", "positions", "query_lens",
+                                               "context_lens", "block_tables", "logits_indices")},
+        "outputs": {"logits": IO.logits, "new_kv": IO.new_kv},
+        "pools": [[IO.pool_key(i), IO.pool_value(i)] for i in range(num_layers)],
+    }
+
+
+def write_bundle(ckpt: Checkpoint, out: Path, *, block_size: int = 16, progress: bool = True,
+                 name: str | None = None, overwrite: bool = False) -> Path:
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    cfg = ckpt.config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with tqdm(total=cfg.num_layers, desc="build graph", unit="layer",
+                  disable=not progress) as bar:
+            model = build_decoder(ckpt, progress=bar.update)
+        with tqdm(total=1, desc="write onnx", disable=not progress) as bar:
+            onnx.save_model(model, tmp / MODEL_FILE, save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=DATA_FILE,
+                            size_threshold=1024)
+            bar.update()
+        (tmp / TOKENIZER_FILE).write_text(ckpt.tokenizer_json, encoding="utf-8")
+        files = {}
+        for f in sorted(p.name for p in tmp.iterdir()):
+            files[f] = {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)}
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": name or out.name,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "edgert_version": __version__,
+            "config": cfg.to_dict(),
+            "graph": {"file": MODEL_FILE, "opset": OPSET, "domains": [""],
+                      "flavour": "portable", **graph_io_manifest(cfg.num_layers)},
+            "precision": "fp32",
+            "quantization": None,
+            "kv": {
+                "layout": ["num_blocks", "block_size", "kv_heads", "head_dim"],
+                "dtype": "float32",
+                "block_size": block_size,
+                "null_block": 0,
+                "new_kv_layout": ["layers", 2, "S", "T", "kv_heads", "head_dim"],
+            },
+            "tokenizer": {
+                "file": TOKENIZER_FILE,
+                "bos_token_id": ckpt.bos_token_id,
+                "eos_token_ids": list(ckpt.eos_token_ids),
+                "add_bos_token": ckpt.add_bos_token,
+                "chat_template": ckpt.chat_template,
+            },
+            "files": files,
+            "provenance": ckpt.provenance,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

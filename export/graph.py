@@ -1,0 +1,323 @@
+"""The paged-KV decoder graph (shared/DESIGN.md, "The paged-KV calling convention").
+
+Built node by node with `onnx.helper` rather than traced from torch: every op is chosen so the
+graph stays in the standard domain, takes every shape from an input's shape, and reads each KV pool
+through exactly one Gather. One graph serves prefill chunks and decode steps (dynamic S, T, B).
+
+Attention joins the past (gathered from the pool) and the new tokens as two blocks of scores that
+share one softmax: a common max, exp of each block, one denominator. Nothing the size of the past is
+ever concatenated or sliced. The block size is not baked in: the pool's second axis carries it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgert.model_config import ModelConfig
+from export.checkpoint import Checkpoint
+
+OPSET = 21
+IR_VERSION = 10
+# Masked scores: a large finite negative through `Where`, never -inf: a row whose keys are all
+# masked (a padded query row) then yields finite garbage instead of NaN.
+MASK_VALUE = -1.0e30
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """Graph input/output names; written to the manifest so the runtime never guesses them."""
+
+    input_ids: str = "input_ids"
+    positions: str = "positions"
+    query_lens: str = "query_lens"
+    context_lens: str = "context_lens"
+    block_tables: str = "block_tables"
+    logits_indices: str = "logits_indices"
+    logits: str = "logits"
+    new_kv: str = "new_kv"
+
+    @staticmethod
+    def pool_key(layer: int) -> str:
+        return f"kv_pool.{layer}.key"
+
+    @staticmethod
+    def pool_value(layer: int) -> str:
+        return f"kv_pool.{layer}.value"
+
+
+IO = GraphIO()
+
+
+class _Builder:
+    """Accumulates nodes and initializers with unique names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._count = 0
+
+    def _name(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def const(self, value: np.ndarray | float | int | list, name: str | None = None,
+              dtype: type | None = None) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        if arr.dtype == np.float64:
+            arr = arr.astype(np.float32)
+        name = name or self._name("const")
+        self.initializers.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, name: str | None = None,
+           **attrs) -> str | list[str]:
+        base = name or self._name(op_type.lower())
+        outs = [base] if outputs == 1 else [f"{base}:{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=base, **attrs))
+        return outs[0] if outputs == 1 else outs
+
+
+class DecoderGraphBuilder:
+    """Emits the decoder for one checkpoint. `linear` is the hook quantization overrides: it
+    receives the float weight [in, out] and returns the output name of x @ W."""
+
+    def __init__(self, ckpt: Checkpoint, progress: Callable[[int], None] | None = None):
+        self.ckpt = ckpt
+        self.cfg: ModelConfig = ckpt.config
+        self.b = _Builder()
+        self._progress = progress or (lambda _n: None)
+        self._axis_last = self.b.const(np.array([-1], np.int64), "axes_last")
+
+    # ---- building blocks -------------------------------------------------------------------
+    def linear(self, x: str, weight_t: np.ndarray, name: str) -> str:
+        """x @ W with W given as [in, out]."""
+        w = self.b.const(np.ascontiguousarray(weight_t, dtype=np.float32), name)
+        return self.b.op("MatMul", x, w)
+
+    def rms_norm(self, x: str, weight: np.ndarray, name: str) -> str:
+        b = self.b
+        w = b.const(weight.astype(np.float32), name)
+        eps = b.const(np.array(self.cfg.rms_norm_eps, np.float32))
+        var = b.op("ReduceMean", b.op("Mul", x, x), self._axis_last, keepdims=1)
+        inv = b.op("Reciprocal", b.op("Sqrt", b.op("Add", var, eps)))
+        return b.op("Mul", b.op("Mul", x, inv), w)
+
+    def rope(self, x: str, cos: str, sin: str) -> str:
+        """HF rotate-half RoPE on x [S, T, heads, d] with cos/sin [S, T, 1, d/2]."""
+        b = self.b
+        x1, x2 = b.op("Split", x, axis=-1, num_outputs=2, outputs=2)
+        r1 = b.op("Sub", b.op("Mul", x1, cos), b.op("Mul", x2, sin))
+        r2 = b.op("Add", b.op("Mul", x2, cos), b.op("Mul", x1, sin))
+        return b.op("Concat", r1, r2, axis=-1)
+
+    # ---- the graph -------------------------------------------------------------------------
+    def build(self) -> onnx.ModelProto:
+        cfg, b, w = self.cfg, self.b, self.ckpt.weight
+        i32 = TensorProto.INT32
+        kvh, d = cfg.num_kv_heads, cfg.head_dim
+
+        inputs = [
+            helper.make_tensor_value_info(IO.input_ids, i32, ["S", "T"]),
+            helper.make_tensor_value_info(IO.positions, i32, ["S", "T"]),
+            helper.make_tensor_value_info(IO.query_lens, i32, ["S"]),
+            helper.make_tensor_value_info(IO.context_lens, i32, ["S"]),
+            helper.make_tensor_value_info(IO.block_tables, i32, ["S", "B"]),
+            helper.make_tensor_value_info(IO.logits_indices, i32, ["N"]),
+        ]
+        for layer in range(cfg.num_layers):
+            for pool in (IO.pool_key(layer), IO.pool_value(layer)):
+                inputs.append(helper.make_tensor_value_info(
+                    pool, TensorProto.FLOAT, ["num_blocks", "block_size", kvh, d]))
+
+        x = b.op("Gather", b.const(w("model.embed_tokens.weight").astype(np.float32),
+                                   "model.embed_tokens.weight"), IO.input_ids, axis=0)
+
+        cos, sin = self._rope_tables()
+        masks = self._masks()
+        new_kv = []
+        for layer in range(cfg.num_layers):
+            p = f"model.layers.{layer}."
+            h = self.rms_norm(x, w(p + "input_layernorm.weight"), p + "input_layernorm.weight")
+            attn, k_new, v_new = self._attention(layer, h, cos, sin, masks)
+            x = b.op("Add", x, attn)
+            h = self.rms_norm(x, w(p + "post_attention_layernorm.weight"),
+                              p + "post_attention_layernorm.weight")
+            x = b.op("Add", x, self._mlp(layer, h))
+            # [S, T, kvh, d] x2 -> [1, 2, S, T, kvh, d]
+            ax01 = b.const(np.array([0, 1], np.int64))
+            new_kv.append(b.op("Concat", b.op("Unsqueeze", k_new, ax01),
+                               b.op("Unsqueeze", v_new, ax01), axis=1))
+            self._progress(1)
+
+        b.op("Concat", *new_kv, axis=0, name=IO.new_kv)
+
+        # Only the rows named by logits_indices reach the final norm and the LM head.
+        flat = b.op("Reshape", x, b.const(np.array([-1, cfg.hidden_size], np.int64)))
+        rows = b.op("Gather", flat, IO.logits_indices, axis=0)
+        rows = self.rms_norm(rows, w("model.norm.weight"), "model.norm.weight")
+        if cfg.tie_word_embeddings:
+            head = "model.embed_tokens.weight"  # shared with the embedding Gather: stored once
+        else:
+            head = b.const(w("lm_head.weight").astype(np.float32), "lm_head.weight")
+        b.op("Gemm", rows, head, transB=1, name=IO.logits)
+
+        outputs = [
+            helper.make_tensor_value_info(IO.logits, TensorProto.FLOAT, ["N", cfg.vocab_size]),
+            helper.make_tensor_value_info(IO.new_kv, TensorProto.FLOAT,
+                                          [cfg.num_layers, 2, "S", "T", kvh, d]),
+        ]
+        graph = helper.make_graph(b.nodes, "edgert_paged_decoder", inputs, outputs,
+                                  initializer=b.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                                  producer_name="edgert-export")
+        model.ir_version = IR_VERSION
+        return model
+
+    def _rope_tables(self) -> tuple[str, str]:
+        """cos/sin [S, T, 1, d/2] from positions; inv_freq computed as transformers does (fp32)."""
+        b = self.b
+        inv_freq = rope_inv_freq(self.cfg)
+        pos = b.op("Cast", IO.positions, to=TensorProto.FLOAT)
+        pos = b.op("Unsqueeze", pos, b.const(np.array([-1], np.int64)))  # [S, T, 1]
+        freqs = b.op("Mul", pos, b.const(inv_freq, "rope.inv_freq"))  # [S, T, d/2]
+        freqs = b.op("Unsqueeze", freqs, b.const(np.array([2], np.int64)))  # [S, T, 1, d/2]
+        return b.op("Cos", freqs), b.op("Sin", freqs)
+
+    def _masks(self) -> tuple[str, str, str]:
+        """The new-token key mask [S, 1, 1, T, T] (key j valid iff j <= i and j < query_len),
+        shared by all layers, plus the int32 constants 0 and 1 the per-layer past mask reuses."""
+        b = self.b
+        i32 = TensorProto.INT32
+        zero = b.const(np.array(0, np.int32), "i32_zero")
+        one = b.const(np.array(1, np.int32), "i32_one")
+        t = b.op("Squeeze", b.op("Cast", b.op("Shape", IO.input_ids, start=1, end=2), to=i32))
+        ti = b.op("Range", zero, t, one)  # [T]
+        key_j = b.op("Unsqueeze", ti, b.const(np.array([0], np.int64)))  # [1, T]
+        query_i = b.op("Unsqueeze", ti, b.const(np.array([1], np.int64)))  # [T, 1]
+        causal = b.op("LessOrEqual", key_j, query_i)  # [T(i), T(j)]
+        qlen = b.op("Unsqueeze", IO.query_lens, b.const(np.array([1, 2], np.int64)))  # [S, 1, 1]
+        key_valid = b.op("Less", b.op("Unsqueeze", key_j, b.const(np.array([0], np.int64))), qlen)
+        new_mask = b.op("And", causal, key_valid)  # [S, T, T]
+        new_mask = b.op("Unsqueeze", new_mask, b.const(np.array([1, 2], np.int64)))
+        return zero, one, new_mask  # [S, 1, 1, T, T]
+
+    def _past_mask(self, k_past: str, zero: str, one: str) -> str:
+        """[S, 1, 1, 1, P]: past key j is valid iff j < context_len. P = B * block_size, read
+        from the shape of the gathered keys [S, P, kvh, d]."""
+        b = self.b
+        p = b.op("Squeeze", b.op("Cast", b.op("Shape", k_past, start=1, end=2),
+                                 to=TensorProto.INT32))
+        pj = b.op("Unsqueeze", b.op("Range", zero, p, one),
+                  b.const(np.array([0], np.int64)))  # [1, P]
+        ctx = b.op("Unsqueeze", IO.context_lens, b.const(np.array([1], np.int64)))  # [S, 1]
+        mask = b.op("Less", pj, ctx)  # [S, P]
+        return b.op("Unsqueeze", mask, b.const(np.array([1, 2, 3], np.int64)))
+
+    def _attention(self, layer: int, h: str, cos: str, sin: str,
+                   masks: tuple[str, str, str]) -> tuple[str, str, str]:
+        cfg, b, w = self.cfg, self.b, self.ckpt.weights
+        p = f"model.layers.{layer}.self_attn."
+        kvh, d, nh, g = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads, cfg.group_size
+        zero, one, new_mask = masks
+
+        # Fused QKV projection: one GEMM instead of three, then a Split.
+        wq, wk, wv = w[p + "q_proj.weight"], w[p + "k_proj.weight"], w[p + "v_proj.weight"]
+        qkv = self.linear(h, np.concatenate([wq, wk, wv], axis=0).T, p + "qkv_proj.weight")
+        if cfg.attention_bias:
+            bias = np.concatenate([w[p + "q_proj.bias"], w[p + "k_proj.bias"],
+                                   w[p + "v_proj.bias"]])
+            qkv = b.op("Add", qkv, b.const(bias.astype(np.float32), p + "qkv_proj.bias"))
+        q, k, v = b.op("Split", qkv, b.const(np.array([nh * d, kvh * d, kvh * d], np.int64)),
+                       axis=-1, outputs=3)
+        q = b.op("Reshape", q, b.const(np.array([0, 0, nh, d], np.int64)))  # [S, T, nh, d]
+        k = b.op("Reshape", k, b.const(np.array([0, 0, kvh, d], np.int64)))
+        v = b.op("Reshape", v, b.const(np.array([0, 0, kvh, d], np.int64)))
+        if cfg.qk_norm:
+            q = self.rms_norm(q, w[p + "q_norm.weight"], p + "q_norm.weight")
+            k = self.rms_norm(k, w[p + "k_norm.weight"], p + "k_norm.weight")
+        q = self.rope(q, cos, sin)
+        k = self.rope(k, cos, sin)  # [S, T, kvh, d]: this is what goes into the pool
+
+        # Queries grouped per KV head: [S, kvh, g, T, d], pre-scaled by 1/sqrt(d).
+        q = b.op("Reshape", q, b.const(np.array([0, 0, kvh, g, d], np.int64)))
+        q = b.op("Transpose", q, perm=[0, 2, 3, 1, 4])
+        q = b.op("Mul", q, b.const(np.array(d ** -0.5, np.float32)))
+        ax2 = b.const(np.array([2], np.int64))
+
+        # Past: the pool's ONLY consumer is this Gather. [S, B, bs, kvh, d] -> [S, P, kvh, d]
+        flat_shape = b.const(np.array([0, -1, kvh, d], np.int64))
+        k_past = b.op("Reshape", b.op("Gather", IO.pool_key(layer), IO.block_tables, axis=0),
+                      flat_shape)
+        v_past = b.op("Reshape", b.op("Gather", IO.pool_value(layer), IO.block_tables, axis=0),
+                      flat_shape)
+        if layer == 0:  # every layer's past has the same length P: one mask for all
+            self._past_mask_name = self._past_mask(k_past, zero, one)
+        past_mask = self._past_mask_name
+        kp = b.op("Unsqueeze", b.op("Transpose", k_past, perm=[0, 2, 3, 1]), ax2)  # [S,kvh,1,d,P]
+        vp = b.op("Unsqueeze", b.op("Transpose", v_past, perm=[0, 2, 1, 3]), ax2)  # [S,kvh,1,P,d]
+        kn = b.op("Unsqueeze", b.op("Transpose", k, perm=[0, 2, 3, 1]), ax2)  # [S,kvh,1,d,T]
+        vn = b.op("Unsqueeze", b.op("Transpose", v, perm=[0, 2, 1, 3]), ax2)  # [S,kvh,1,T,d]
+
+        if layer == 0:
+            b.const(np.array(MASK_VALUE, np.float32), "mask_value")
+        neg = "mask_value"
+        s_past = b.op("Where", past_mask, b.op("MatMul", q, kp), neg)  # [S, kvh, g, T, P]
+        s_new = b.op("Where", new_mask, b.op("MatMul", q, kn), neg)  # [S, kvh, g, T, T]
+        m = b.op("Max", b.op("ReduceMax", s_past, self._axis_last, keepdims=1),
+                 b.op("ReduceMax", s_new, self._axis_last, keepdims=1))
+        e_past = b.op("Exp", b.op("Sub", s_past, m))
+        e_new = b.op("Exp", b.op("Sub", s_new, m))
+        den = b.op("Add", b.op("ReduceSum", e_past, self._axis_last, keepdims=1),
+                   b.op("ReduceSum", e_new, self._axis_last, keepdims=1))
+        o = b.op("Div", b.op("Add", b.op("MatMul", e_past, vp), b.op("MatMul", e_new, vn)), den)
+        o = b.op("Transpose", o, perm=[0, 3, 1, 2, 4])  # [S, T, kvh, g, d]
+        o = b.op("Reshape", o, b.const(np.array([0, 0, nh * d], np.int64)))
+        out = self.linear(o, w[p + "o_proj.weight"].T, p + "o_proj.weight")
+        return out, k, v
+
+    def _mlp(self, layer: int, h: str) -> str:
+        b, w = self.b, self.ckpt.weights
+        p = f"model.layers.{layer}.mlp."
+        inter = self.cfg.intermediate_size
+        gate_up = self.linear(h, np.concatenate([w[p + "gate_proj.weight"],
+                                                 w[p + "up_proj.weight"]], axis=0).T,
+                              p + "gate_up_proj.weight")
+        gate, up = b.op("Split", gate_up, b.const(np.array([inter, inter], np.int64)), axis=-1,
+                        outputs=2)
+        act = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)  # SiLU(gate) * up
+        return self.linear(act, w[p + "down_proj.weight"].T, p + "down_proj.weight")
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """RoPE inverse frequencies [d/2], float32 arithmetic as transformers' rope init functions."""
+    d = cfg.head_dim
+    exponent = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)
+    inv = (np.float32(1.0) / (np.float32(cfg.rope_theta) ** exponent)).astype(np.float32)
+    rs = cfg.rope_scaling or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "linear":
+        inv = (inv / np.float32(rs["factor"])).astype(np.float32)
+    elif kind == "llama3":
+        factor = float(rs["factor"])
+        low, high = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+        old_ctx = float(rs["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * np.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    elif kind != "default":
+        raise ValueError(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
+    return inv
+
+
+def build_decoder(ckpt: Checkpoint,
+                  progress: Callable[[int], None] | None = None) -> onnx.ModelProto:
+    return DecoderGraphBuilder(ckpt, progress).build()
