@@ -10,6 +10,109 @@ from importlib.metadata import entry_points
 
 from edgert.bundle import Bundle, BundleError
 
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20,
+          "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+
+
+def parse_memory(text: str) -> int:
+    """'512MiB', '1.5G', '1048576', or '25%' of the memory available now (MemAvailable)."""
+    t = text.strip().lower()
+    if t.endswith("%"):
+        frac = float(t[:-1]) / 100
+        if not 0 < frac <= 0.9:
+            raise argparse.ArgumentTypeError("a percentage must be in (0, 90]")
+        return int(_mem_available() * frac)
+    num = t.rstrip("kmgib")
+    unit = t[len(num):]
+    if unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"unknown unit in {text!r} (use KiB, MiB, GiB)")
+    try:
+        return int(float(num) * _UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def _mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no MemAvailable in /proc/meminfo")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The runtime's options, shared by generate, serve and bench."""
+    g = p.add_argument_group("engine")
+    g.add_argument("--kv-memory", type=parse_memory, default="256MiB",
+                   help="KV pool size, allocated once at start: bytes with a unit (512MiB) or a "
+                        "percentage of available memory (25%%). Default 256MiB")
+    g.add_argument("--block-size", type=int, default=None,
+                   help="tokens per KV block (default: the bundle's)")
+    g.add_argument("--max-num-seqs", type=int, default=16,
+                   help="sequences decoded together per step (default 16)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=256,
+                   help="prefill tokens per step, so a long prompt cannot stall decoding "
+                        "(default 256)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="prompt + output limit per sequence (default: the model's context)")
+    g.add_argument("--max-waiting", type=int, default=256,
+                   help="queued requests beyond which new ones get 429 (default 256)")
+    g.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse KV blocks of identical prompt prefixes")
+    g.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
+                   help="ONNX Runtime execution provider (default cpu)")
+    g.add_argument("--threads", type=int, default=0,
+                   help="ONNX Runtime intra-op threads (default: one per core)")
+    g.add_argument("--spinning", action="store_true",
+                   help="let ORT worker threads spin between ops (off: on 2 cores spinning "
+                        "starves the server's event loop)")
+    g.add_argument("--no-verify", action="store_true",
+                   help="skip the bundle's sha256 verification at load")
+
+
+def engine_config_from_args(args: argparse.Namespace):
+    from edgert.backend_ort import BackendConfig
+    from edgert.engine import EngineConfig
+
+    return EngineConfig(
+        kv_memory=args.kv_memory, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        max_waiting=args.max_waiting, enable_prefix_caching=not args.no_prefix_caching,
+        backend=BackendConfig(provider=args.provider, threads=args.threads,
+                              allow_spinning=args.spinning),
+        verify_bundle=not args.no_verify)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from edgert.engine import LLMEngine
+    from edgert.sampling_params import SamplingParams
+
+    engine = LLMEngine(args.bundle, engine_config_from_args(args))
+    tok = engine.tokenizer
+    prompt = args.prompt
+    if args.chat:
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
+    ids = tok.encode(prompt, add_special_tokens=not args.chat)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                            stop=args.stop or [])
+    engine.add_request(ids, params)
+    final = None
+    while engine.has_unfinished():
+        for out in engine.step():
+            sys.stdout.write(out.text)
+            sys.stdout.flush()
+            if out.finished:
+                final = out
+    sys.stdout.write("\n")
+    if args.verbose and final is not None and final.metrics is not None:
+        m = final.metrics
+        tpot = f"{m.tpot * 1000:.1f} ms" if m.tpot else "n/a"
+        print(f"[{final.finish_reason}] prompt {m.prompt_tokens} tokens, output "
+              f"{m.completion_tokens} tokens, TTFT {m.ttft * 1000:.0f} ms, TPOT {tpot}",
+              file=sys.stderr)
+    return 0
+
 
 def _info(args: argparse.Namespace) -> int:
     from edgert.info import describe
@@ -29,6 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="bundle directory")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 verification")
     p.set_defaults(func=_info)
+
+    p = sub.add_parser("generate", help="generate text for one prompt, streamed to the terminal",
+                       description="Load a bundle and stream a completion of PROMPT to stdout.")
+    p.add_argument("bundle", help="bundle directory")
+    p.add_argument("prompt", help="prompt text")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt as a user message with the bundle's chat template")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate (128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print timing to stderr")
+    add_engine_args(p)
+    p.set_defaults(func=_generate)
     for ep in entry_points(group="edgert.commands"):
         try:
             ep.load()(sub)

@@ -19,8 +19,6 @@ from tokenizers import Tokenizer
 # Prompt tokens kept as context in front of the first output token (vLLM uses 5): enough for the
 # decoder to see a word boundary and the tail of a multi-byte character.
 PREFIX_TOKENS = 5
-# Bytes of one UTF-8 character: at most this many trailing prompt tokens can hold an incomplete one.
-_MAX_CHAR_TOKENS = 4
 _REPLACEMENT = "\ufffd"
 
 
@@ -32,20 +30,15 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
         prompt = [int(t) for t in prompt_token_ids]
-        read = len(prompt)
-        # A prompt that ends inside a multi-byte character (ids given by the client, or a prompt
-        # cut mid-character) would make the first prefix text end in U+FFFD, which the completed
-        # character then replaces: the emitted delta would be misaligned. Treat those trailing
-        # prompt tokens as unread, so the completed character is emitted as output text.
-        for _ in range(_MAX_CHAR_TOKENS):
-            if read == 0 or not self._decode(prompt[max(read - PREFIX_TOKENS, 0):read]).endswith(
-                    _REPLACEMENT):
-                break
-            read -= 1
-        start = max(read - PREFIX_TOKENS, 0)
+        start = max(len(prompt) - PREFIX_TOKENS, 0)
         self._window: list[int] = prompt[start:]  # ids from the prefix offset on
-        self._read = read - start  # window index of the first unread id
-        self._prefix_text = self._decode(self._window[: self._read])
+        self._read = len(self._window)  # window index of the first unread id
+        # A prompt given as ids can end inside a multi-byte character; its text then ends in
+        # U+FFFD, which the output's first tokens turn into the real character. Counting only the
+        # visible part as prefix makes that completed character part of the output text. (A prompt
+        # that ends in a literal U+FFFD would see it repeated; prompts encoded from text never
+        # end mid-character.)
+        self._prefix_text = self._decode(self._window).rstrip(_REPLACEMENT)
         self._chunks: list[str] = []
         self._text: str | None = ""
 

@@ -170,9 +170,6 @@ class _Metadata:
         self._fields = reader.fields
         self._source = source
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._fields
-
     def get(self, key: str, default: Any = _MISSING) -> Any:
         field = self._fields.get(key)
         if field is None:

@@ -90,6 +90,8 @@ class DecoderGraphBuilder:
         self.ckpt = ckpt
         self.cfg: ModelConfig = ckpt.config
         self.b = _Builder()
+        # Operator domains the graph imports; a quantizing subclass adds com.microsoft.
+        self.opsets: dict[str, int] = {"": OPSET}
         self._progress = progress or (lambda _n: None)
         self._axis_last = self.b.const(np.array([-1], np.int64), "axes_last")
 
@@ -98,6 +100,21 @@ class DecoderGraphBuilder:
         """x @ W with W given as [in, out]."""
         w = self.b.const(np.ascontiguousarray(weight_t, dtype=np.float32), name)
         return self.b.op("MatMul", x, w)
+
+    def embedding(self, ids: str) -> str:
+        """Token ids [S, T] -> hidden states [S, T, hidden]; a quantization hook like `linear`."""
+        w = self.ckpt.weight
+        return self.b.op("Gather", self.b.const(w("model.embed_tokens.weight").astype(np.float32),
+                                                "model.embed_tokens.weight"), ids, axis=0)
+
+    def lm_head(self, rows: str) -> str:
+        """Final-norm rows [N, hidden] -> logits [N, vocab], output under IO.logits."""
+        b, w = self.b, self.ckpt.weight
+        if self.cfg.tie_word_embeddings:
+            head = "model.embed_tokens.weight"  # shared with the embedding Gather: stored once
+        else:
+            head = b.const(w("lm_head.weight").astype(np.float32), "lm_head.weight")
+        return b.op("Gemm", rows, head, transB=1, name=IO.logits)
 
     def rms_norm(self, x: str, weight: np.ndarray, name: str) -> str:
         b = self.b
@@ -134,8 +151,7 @@ class DecoderGraphBuilder:
                 inputs.append(helper.make_tensor_value_info(
                     pool, TensorProto.FLOAT, ["num_blocks", "block_size", kvh, d]))
 
-        x = b.op("Gather", b.const(w("model.embed_tokens.weight").astype(np.float32),
-                                   "model.embed_tokens.weight"), IO.input_ids, axis=0)
+        x = self.embedding(IO.input_ids)
 
         cos, sin = self._rope_tables()
         masks = self._masks()
@@ -160,11 +176,7 @@ class DecoderGraphBuilder:
         flat = b.op("Reshape", x, b.const(np.array([-1, cfg.hidden_size], np.int64)))
         rows = b.op("Gather", flat, IO.logits_indices, axis=0)
         rows = self.rms_norm(rows, w("model.norm.weight"), "model.norm.weight")
-        if cfg.tie_word_embeddings:
-            head = "model.embed_tokens.weight"  # shared with the embedding Gather: stored once
-        else:
-            head = b.const(w("lm_head.weight").astype(np.float32), "lm_head.weight")
-        b.op("Gemm", rows, head, transB=1, name=IO.logits)
+        self.lm_head(rows)
 
         outputs = [
             helper.make_tensor_value_info(IO.logits, TensorProto.FLOAT, ["N", cfg.vocab_size]),
@@ -173,8 +185,9 @@ class DecoderGraphBuilder:
         ]
         graph = helper.make_graph(b.nodes, "edgert_paged_decoder", inputs, outputs,
                                   initializer=b.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                                  producer_name="edgert-export")
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid(d, v) for d, v in self.opsets.items()],
+            producer_name="edgert-export")
         model.ir_version = IR_VERSION
         return model
 

@@ -193,6 +193,13 @@ def hf_model_config(cfg: Mapping[str, Any], source: str = "config.json") -> Mode
         # Unlike Qwen2's q/k/v-only bias, these add a bias to o_proj too, which the graph lacks.
         raise UnsupportedModelError(f"{source}: attention_bias on {arch} is not supported")
 
+    try:
+        return _model_config(cfg, arch, source)
+    except KeyError as e:
+        raise UnsupportedModelError(f"{source}: config.json lacks {e.args[0]!r}") from None
+
+
+def _model_config(cfg: Mapping[str, Any], arch: str, source: str) -> ModelConfig:
     heads = int(cfg["num_attention_heads"])
     max_pos = int(cfg["max_position_embeddings"])
     _refuse_sliding_window(cfg, arch, max_pos, source)

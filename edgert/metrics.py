@@ -1,0 +1,150 @@
+"""Prometheus metrics for the server.
+
+Per-request figures (tokens, TTFT, TPOT, latency, finish reasons) are counted from the engine's
+own outputs through `AsyncEngine.on_step`, on the engine thread, so a request that the client
+abandons is counted exactly like one that completes. Pool, queue and engine counters are read at
+scrape time by a collector: a scrape then costs nothing between scrapes and never goes stale.
+A registry per server (not the process-global one) keeps in-process tests independent."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from edgert.outputs import RequestOutput
+
+if TYPE_CHECKING:
+    from edgert.async_engine import AsyncEngine
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
+                    160.0)
+_TPOT_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
+                 1.0, 2.5)
+
+
+class ServerMetrics:
+    def __init__(self, engine: Callable[[], AsyncEngine | None]):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.http_requests = Counter(
+            "edgert_http_requests", "HTTP requests answered, by route and status",
+            ["route", "method", "status"], registry=r)
+        self.requests = Counter(
+            "edgert_requests", "Generation requests finished in the engine, by finish reason "
+            "(one per prompt; n choices count once)", ["finish_reason"], registry=r)
+        self.prompt_tokens = Counter(
+            "edgert_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.cached_prompt_tokens = Counter(
+            "edgert_prompt_tokens_cached", "Prompt tokens served from the prefix cache",
+            registry=r)
+        self.generation_tokens = Counter(
+            "edgert_generation_tokens", "Tokens generated for finished requests", registry=r)
+        self.ttft = Histogram(
+            "edgert_time_to_first_token_seconds", "Arrival to first generated token",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram(
+            "edgert_time_per_output_token_seconds", "Mean time per output token after the "
+            "first, per request", buckets=_TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram(
+            "edgert_e2e_request_latency_seconds", "Arrival to last token",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram(
+            "edgert_request_queue_time_seconds", "Arrival until the engine first ran the "
+            "request; observed after the step that ran it, so an upper bound at step "
+            "granularity", buckets=_LATENCY_BUCKETS, registry=r)
+        r.register(_EngineCollector(engine))
+        self._started: set[str] = set()  # engine thread only
+        self._lock = threading.Lock()
+
+    def on_step(self, outputs: list[RequestOutput], engine: AsyncEngine) -> None:
+        """Called on the engine thread after each step that produced outputs."""
+        now = time.monotonic()
+        with self._lock:
+            for seq in engine.engine.scheduler.running:
+                if seq.request_id not in self._started:
+                    self._started.add(seq.request_id)
+                    self.queue.observe(max(0.0, now - seq.arrival))
+            for out in outputs:
+                m = out.metrics
+                if m is None:
+                    continue
+                if out.request_id not in self._started and m.ttft is not None:
+                    self.queue.observe(m.ttft)  # started and finished within one step
+                self._started.discard(out.request_id)
+                self.requests.labels(out.finish_reason or "unknown").inc()
+                self.prompt_tokens.inc(m.prompt_tokens)
+                self.cached_prompt_tokens.inc(m.cached_prompt_tokens)
+                self.generation_tokens.inc(m.completion_tokens)
+                if m.ttft is not None:
+                    self.ttft.observe(m.ttft)
+                if m.tpot is not None:
+                    self.tpot.observe(m.tpot)
+                if m.finished_time is not None:
+                    self.e2e.observe(m.finished_time - m.arrival_time)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineCollector(Collector):
+    """Engine state read at scrape time. Reads plain counters owned by the engine thread; a
+    scrape racing a step may see a count that is one step old, never a torn structure."""
+
+    def __init__(self, engine: Callable[[], AsyncEngine | None]):
+        self._engine = engine
+
+    def collect(self) -> Iterable[Metric]:
+        aengine = self._engine()
+        alive = GaugeMetricFamily("edgert_engine_alive", "1 when the engine loop is running")
+        alive.add_metric([], 1.0 if aengine is not None and aengine.alive else 0.0)
+        yield alive
+        if aengine is None:
+            return
+        engine = aengine.engine
+        age = GaugeMetricFamily("edgert_engine_heartbeat_age_seconds",
+                                "Seconds since the engine loop last turned")
+        age.add_metric([], max(0.0, time.monotonic() - aengine.heartbeat))
+        yield age
+        usage = engine.pool_usage()
+        blocks = GaugeMetricFamily("edgert_kv_blocks", "KV pool blocks by state "
+                                   "(used: owned by a sequence; cached: reusable prefix, "
+                                   "evictable; free)", labels=["state"])
+        for state in ("used", "cached", "free"):
+            blocks.add_metric([state], float(getattr(usage, state)))
+        yield blocks
+        total = GaugeMetricFamily("edgert_kv_blocks_total", "Usable KV pool blocks")
+        total.add_metric([], float(usage.total))
+        yield total
+        sched = engine.scheduler
+        running = GaugeMetricFamily("edgert_num_requests_running",
+                                    "Sequences in the running batch")
+        running.add_metric([], float(len(sched.running)))
+        yield running
+        waiting = GaugeMetricFamily("edgert_num_requests_waiting", "Sequences queued")
+        waiting.add_metric([], float(sched.num_waiting))
+        yield waiting
+        stats, astats = engine.stats, engine.allocator.stats
+        for name, doc, value in (
+            ("edgert_engine_steps", "Engine steps", stats.steps),
+            ("edgert_decode_calls", "Decode graph calls", stats.decode_calls),
+            ("edgert_decode_sequences", "Summed decode batch sizes", stats.decode_seqs),
+            ("edgert_prefill_calls", "Prefill graph calls", stats.prefill_calls),
+            ("edgert_prefill_tokens", "Prompt tokens computed (not served from the cache)",
+             stats.prefill_tokens),
+            ("edgert_preemptions", "Sequences preempted for lack of blocks", stats.preemptions),
+            ("edgert_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+             astats.prefix_queries_tokens),
+            ("edgert_prefix_cache_hits", "Prompt tokens found in the prefix cache",
+             astats.prefix_hit_tokens),
+        ):
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], float(value))
+            yield c

@@ -1,0 +1,662 @@
+"""The OpenAI-compatible request bodies, parsed strictly, and the responses built from engine
+outputs.
+
+Parsing rules, chosen so a client never gets silently wrong output:
+- a field of the OpenAI API that edgert implements is type- and range-checked (400 naming it);
+- a field of the OpenAI API that edgert does not implement is a 400 naming it, unless it holds
+  the value that means "off" (tools: [], response_format: {"type": "text"}, ...);
+- OpenAI fields with no effect on the output (user, metadata, store, ...) are accepted;
+- anything else is foreign to the API: ignored and logged once per name, as vLLM does, so
+  clients that send their own extras keep working.
+Nothing here touches the engine or the network: it maps JSON to SamplingParams and
+RequestOutputs back to JSON, which keeps it testable on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Literal
+
+from edgert.outputs import RequestOutput, TokenLogprob
+from edgert.sampling_params import ParamError, SamplingParams
+from edgert.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+MAX_PROMPTS = 128  # prompts in one /v1/completions body (each becomes an engine request)
+_INT64 = 1 << 63
+_MAX_STOP_TOKEN_IDS = 256
+
+
+class ApiError(Exception):
+    """An error answered with OpenAI's JSON error body."""
+
+    _TYPES = {400: "invalid_request_error", 403: "permission_error", 404: "not_found_error",
+              405: "invalid_request_error", 413: "invalid_request_error",
+              422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message,
+                          "type": self._TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+
+def invalid(param: str, message: str) -> ApiError:
+    return ApiError(400, f"{param}: {message}", param, "invalid_value")
+
+
+# ---- field tables ----------------------------------------------------------------------------
+
+# OpenAI fields edgert cannot honour, with the predicate that says the value means "off".
+def _null(v: Any) -> bool:
+    return v is None
+
+
+def _empty(v: Any) -> bool:
+    return v is None or v == [] or v == {} or v == ""
+
+
+_UNSUPPORTED_COMPLETION: dict[str, Callable[[Any], bool]] = {
+    "suffix": _empty,
+    "logit_bias": _empty,
+}
+_UNSUPPORTED_CHAT: dict[str, Callable[[Any], bool]] = {
+    "tools": _empty,
+    "functions": _empty,
+    "tool_choice": lambda v: v is None or v == "none",
+    "function_call": lambda v: v is None or v == "none",
+    "parallel_tool_calls": _null,
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "logit_bias": _empty,
+    "audio": _null,
+    "modalities": lambda v: v is None or v == ["text"],
+    "prediction": _null,
+    "web_search_options": _null,
+    "reasoning_effort": _null,
+    "verbosity": _null,
+}
+# OpenAI fields that do not change the output: accepted, no effect.
+_NO_EFFECT = {"user", "metadata", "store", "service_tier", "prompt_cache_key",
+              "safety_identifier"}
+# The sampling fields shared by both routes, OpenAI's and vLLM-style extensions.
+_SAMPLING = {"model", "n", "seed", "stop", "stream", "stream_options", "temperature", "top_p",
+             "max_tokens", "frequency_penalty", "presence_penalty", "top_k", "min_p",
+             "repetition_penalty", "ignore_eos", "stop_token_ids", "skip_special_tokens",
+             "include_stop_str_in_output", "priority"}
+_COMPLETION_FIELDS = _SAMPLING | {"prompt", "echo", "logprobs", "best_of",
+                                  "add_special_tokens"}
+_CHAT_FIELDS = _SAMPLING | {"messages", "logprobs", "top_logprobs", "max_completion_tokens",
+                            "add_generation_prompt"}
+
+
+class ForeignFieldLog:
+    """Warn once per unknown field name; bounded, so hostile bodies full of fresh names can
+    neither grow memory nor flood the log."""
+
+    def __init__(self, limit: int = 256):
+        self._seen: set[str] = set()
+        self._limit = limit
+
+    def note(self, route: str, name: str) -> None:
+        if name in self._seen or len(self._seen) >= self._limit:
+            return
+        self._seen.add(name)
+        log.warning("%s: ignoring field %r, which is not part of the OpenAI API", route,
+                    name[:64])
+
+
+# ---- typed getters ---------------------------------------------------------------------------
+
+def _int(body: dict[str, Any], name: str, default: int | None, lo: int = -_INT64,
+         hi: int = _INT64 - 1) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise invalid(name, f"must be an integer, got {_kind(v)}")
+    if not lo <= v <= hi:
+        raise invalid(name, f"must be in [{lo}, {hi}]")
+    return v
+
+
+def _float(body: dict[str, Any], name: str, default: float) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise invalid(name, f"must be a number, got {_kind(v)}")
+    try:
+        f = float(v)
+    except OverflowError:
+        raise invalid(name, "is out of range") from None
+    if not math.isfinite(f):
+        raise invalid(name, "must be finite")
+    return f
+
+
+def _bool(body: dict[str, Any], name: str, default: bool) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise invalid(name, f"must be a boolean, got {_kind(v)}")
+    return v
+
+
+def _kind(v: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number"}.get(type(v), type(v).__name__)
+
+
+def _stop(body: dict[str, Any]) -> list[str]:
+    v = body.get("stop")
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [v]
+    if isinstance(v, list) and all(isinstance(s, str) for s in v):
+        return list(v)
+    raise invalid("stop", "must be a string or an array of strings")
+
+
+def _stop_token_ids(body: dict[str, Any]) -> list[int]:
+    v = body.get("stop_token_ids")
+    if v is None:
+        return []
+    if (not isinstance(v, list) or len(v) > _MAX_STOP_TOKEN_IDS
+            or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < _INT64
+                       for t in v)):
+        raise invalid("stop_token_ids",
+                      f"must be an array of at most {_MAX_STOP_TOKEN_IDS} token ids")
+    return list(v)
+
+
+# ---- parsed requests -------------------------------------------------------------------------
+
+@dataclass
+class GenerationRequest:
+    """One /v1/completions or /v1/chat/completions body, ready for the engine."""
+
+    kind: Literal["completion", "chat"]
+    model: str
+    prompts: list[list[int]]  # token ids, one engine request each
+    prompt_texts: list[str]  # for echo
+    params: SamplingParams
+    stream: bool = False
+    include_usage: bool = False
+    echo: bool = False
+    drop_output: bool = False  # echo with max_tokens 0: run one token and drop it (vLLM)
+    logprobs: int | None = None  # top alternatives per token; None: no logprobs in the answer
+    request_id: str = field(default_factory=lambda: secrets.token_hex(12))
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass
+class ParseContext:
+    """What parsing needs from the server: the model's names and limits and its tokenizer."""
+
+    model_name: str
+    tokenizer: Tokenizer
+    max_model_len: int
+    max_total_tokens: Callable[[int], int]  # n -> prompt + output tokens the pool can hold
+    foreign: ForeignFieldLog = field(default_factory=ForeignFieldLog)
+
+
+def _check_fields(body: dict[str, Any], route: str, known: set[str],
+                  unsupported: dict[str, Callable[[Any], bool]], ctx: ParseContext) -> None:
+    for name, value in body.items():
+        if name in known or name in _NO_EFFECT:
+            continue
+        off = unsupported.get(name)
+        if off is not None:
+            if not off(value):
+                raise ApiError(400, f"{name}: not supported by this server", name,
+                               "unsupported_parameter")
+            continue
+        ctx.foreign.note(route, name)
+
+
+def _check_model(body: dict[str, Any], ctx: ParseContext) -> str:
+    model = body.get("model")
+    if model is None:
+        return ctx.model_name
+    if not isinstance(model, str):
+        raise invalid("model", f"must be a string, got {_kind(model)}")
+    if model != ctx.model_name:
+        raise ApiError(404, f"The model {model[:200]!r} does not exist; this server serves "
+                            f"{ctx.model_name!r}", "model", "model_not_found")
+    return model
+
+
+def _sampling(body: dict[str, Any], max_tokens: int, logprobs: int | None,
+              prompt_logprobs: int | None, field_names: dict[str, str]) -> SamplingParams:
+    seed = _int(body, "seed", None)
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=_float(body, "temperature", 1.0),
+            top_p=_float(body, "top_p", 1.0),
+            top_k=_int(body, "top_k", 0, -1, _INT64 - 1) or 0,
+            min_p=_float(body, "min_p", 0.0),
+            repetition_penalty=_float(body, "repetition_penalty", 1.0),
+            presence_penalty=_float(body, "presence_penalty", 0.0),
+            frequency_penalty=_float(body, "frequency_penalty", 0.0),
+            # OpenAI seeds are any int64; the sampler keys on [0, 2**63).
+            seed=None if seed is None else seed % _INT64,
+            n=_int(body, "n", 1) or 1,
+            stop=_stop(body),
+            stop_token_ids=_stop_token_ids(body),
+            ignore_eos=_bool(body, "ignore_eos", False),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=_bool(body, "skip_special_tokens", True),
+            include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
+            priority=_int(body, "priority", 0) or 0,
+        )
+    except ParamError as e:
+        name = field_names.get(e.field, e.field)
+        raise ApiError(400, f"{name}: {str(e).split(': ', 1)[-1]}", name,
+                       "invalid_value") from None
+
+
+def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
+    stream = _bool(body, "stream", False)
+    opts = body.get("stream_options")
+    if opts is None:
+        return stream, False
+    if not isinstance(opts, dict):
+        raise invalid("stream_options", f"must be an object, got {_kind(opts)}")
+    if not stream:
+        raise invalid("stream_options", "is only allowed when stream is true")
+    return stream, _bool(opts, "include_usage", False)
+
+
+def _max_tokens(body: dict[str, Any], names: Sequence[str], default: int | None,
+                lo: int) -> tuple[str, int | None]:
+    for name in names:
+        if body.get(name) is not None:
+            return name, _int(body, name, None, lo)
+    return names[-1], default
+
+
+def parse_completion(body: dict[str, Any], ctx: ParseContext) -> GenerationRequest:
+    _check_fields(body, "/v1/completions", _COMPLETION_FIELDS, _UNSUPPORTED_COMPLETION, ctx)
+    model = _check_model(body, ctx)
+    stream, include_usage = _stream_flags(body)
+    echo = _bool(body, "echo", False)
+    logprobs = _int(body, "logprobs", None, 0, 20)
+    n = _int(body, "n", 1)
+    best_of = _int(body, "best_of", None)
+    if best_of is not None and best_of != n:
+        raise ApiError(400, "best_of: only best_of == n is supported", "best_of",
+                       "unsupported_parameter")
+    _, max_tokens = _max_tokens(body, ["max_tokens"], 16, 0)
+    assert max_tokens is not None
+    if max_tokens == 0 and not echo:
+        raise invalid("max_tokens", "must be >= 1 (0 is only allowed with echo)")
+    texts, prompts = _completion_prompts(body.get("prompt"), ctx.tokenizer,
+                                         _bool(body, "add_special_tokens", True))
+    params = _sampling(body, max(1, max_tokens), logprobs,
+                       logprobs if echo and logprobs is not None else None,
+                       {"prompt_logprobs": "logprobs"})
+    return GenerationRequest("completion", model, prompts, texts, params, stream, include_usage,
+                             echo=echo, drop_output=max_tokens == 0, logprobs=logprobs)
+
+
+def _completion_prompts(prompt: Any, tok: Tokenizer,
+                        add_special_tokens: bool) -> tuple[list[str], list[list[int]]]:
+    """OpenAI's four prompt forms: a string, an array of strings, an array of token ids, an
+    array of arrays of token ids."""
+    if prompt is None:
+        raise invalid("prompt", "is required")
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif isinstance(prompt, list) and prompt and all(_is_token(t) for t in prompt):
+        items = [prompt]
+    elif isinstance(prompt, list) and prompt:
+        items = prompt
+    else:
+        raise invalid("prompt", "must be a string, an array of strings or an array of "
+                                "token-id arrays, and not empty")
+    if len(items) > MAX_PROMPTS:
+        raise invalid("prompt", f"at most {MAX_PROMPTS} prompts per request")
+    texts, ids = [], []
+    for item in items:
+        if isinstance(item, str):
+            texts.append(item)
+            ids.append(tok.encode(item, add_special_tokens=add_special_tokens))
+        elif isinstance(item, list) and all(_is_token(t) for t in item):
+            ids.append(list(item))
+            texts.append("")  # decoded lazily, for echo only
+        else:
+            raise invalid("prompt", "must be a string, an array of strings or an array of "
+                                    "token-id arrays")
+    return texts, ids
+
+
+def _is_token(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
+
+
+def parse_chat(body: dict[str, Any], ctx: ParseContext) -> GenerationRequest:
+    from edgert.tokenizer import ChatTemplateError
+
+    _check_fields(body, "/v1/chat/completions", _CHAT_FIELDS, _UNSUPPORTED_CHAT, ctx)
+    model = _check_model(body, ctx)
+    stream, include_usage = _stream_flags(body)
+    want_logprobs = _bool(body, "logprobs", False)
+    top = _int(body, "top_logprobs", None, 0, 20)
+    if top is not None and not want_logprobs:
+        raise invalid("top_logprobs", "requires logprobs: true")
+    messages = parse_messages(body.get("messages"))
+    try:
+        text = ctx.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=_bool(body, "add_generation_prompt", True))
+    except ChatTemplateError as e:
+        raise ApiError(422, f"messages: {e}", "messages", "chat_template_error") from None
+    except Exception as e:  # a template is code from the bundle; any failure is the input's
+        raise ApiError(422, f"messages: chat template failed: {e}", "messages",
+                       "chat_template_error") from None
+    ids = ctx.tokenizer.encode(text, add_special_tokens=False)
+    n = _int(body, "n", 1) or 1
+    # No max_tokens: as much as the model length and the pool allow (vLLM's rule), at least 1
+    # so that a prompt that is already too long gets the engine's "prompt too long" error.
+    room = min(ctx.max_model_len, ctx.max_total_tokens(max(1, min(n, 16)))) - len(ids)
+    name, max_tokens = _max_tokens(body, ["max_completion_tokens", "max_tokens"],
+                                   max(1, room), 1)
+    assert max_tokens is not None
+    logprobs = (top or 0) if want_logprobs else None
+    params = _sampling(body, max_tokens, logprobs, None,
+                       {"max_tokens": name, "logprobs": "top_logprobs"})
+    return GenerationRequest("chat", model, [ids], [text], params, stream, include_usage,
+                             logprobs=logprobs)
+
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def parse_messages(messages: Any) -> list[dict[str, Any]]:
+    """Messages as the chat template expects them: role and string content (text parts are
+    joined), names kept. Tool and multimodal content is refused by name."""
+    if not isinstance(messages, list) or not messages:
+        raise invalid("messages", "must be a non-empty array of message objects")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise invalid(where, "must be an object")
+        role = m.get("role")
+        if role in ("tool", "function"):
+            raise ApiError(400, f"{where}.role: {role!r} messages are not supported (no tool "
+                                "calling)", f"{where}.role", "unsupported_parameter")
+        if not isinstance(role, str) or role not in _ROLES:
+            raise invalid(f"{where}.role", "must be one of system, developer, user, assistant")
+        for name in ("tool_calls", "function_call", "audio", "refusal"):
+            if not _empty(m.get(name)):
+                raise ApiError(400, f"{where}.{name}: not supported by this server",
+                               f"{where}.{name}", "unsupported_parameter")
+        msg: dict[str, Any] = {"role": _ROLES[role], "content": _content(m.get("content"),
+                                                                         where)}
+        name = m.get("name")
+        if name is not None:
+            if not isinstance(name, str):
+                raise invalid(f"{where}.name", "must be a string")
+            msg["name"] = name
+        out.append(msg)
+    return out
+
+
+def _content(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict):
+                raise invalid(f"{where}.content[{j}]", "must be an object")
+            kind = part.get("type")
+            if kind != "text":
+                if isinstance(kind, str):
+                    raise ApiError(400, f"{where}.content[{j}].type: {kind[:64]!r} content is "
+                                        "not supported (text only)",
+                                   f"{where}.content[{j}].type", "unsupported_parameter")
+                raise invalid(f"{where}.content[{j}].type", "must be a string")
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise invalid(f"{where}.content[{j}].text", "must be a string")
+            parts.append(text)
+        return "\n".join(parts)
+    raise invalid(f"{where}.content", "must be a string or an array of text parts")
+
+
+def parse_tokenize(body: dict[str, Any], ctx: ParseContext) -> list[int]:
+    """vLLM's /tokenize: {"prompt": str, "add_special_tokens": bool} or {"messages": [...],
+    "add_generation_prompt": bool}."""
+    if "messages" in body:
+        messages = parse_messages(body.get("messages"))
+        try:
+            text = ctx.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=_bool(body, "add_generation_prompt", True))
+        except Exception as e:
+            raise ApiError(422, f"messages: chat template failed: {e}", "messages",
+                           "chat_template_error") from None
+        return ctx.tokenizer.encode(text, add_special_tokens=False)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise invalid("prompt", "must be a string (or send messages)")
+    return ctx.tokenizer.encode(prompt,
+                                add_special_tokens=_bool(body, "add_special_tokens", True))
+
+
+# ---- responses -------------------------------------------------------------------------------
+
+_LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM reports impossible tokens the same way
+
+
+def _lp(x: float) -> float:
+    return x if math.isfinite(x) else _LOGPROB_FLOOR
+
+
+class TokenText:
+    """Token id -> the text a logprobs entry shows for it (special tokens included)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._text = lru_cache(maxsize=1 << 16)(
+            lambda t: tokenizer.decode([t], skip_special_tokens=False))
+
+    def __call__(self, token_id: int) -> str:
+        return self._text(token_id)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=False)
+
+
+@dataclass
+class _Choice:
+    text: str = ""
+    tokens: int = 0
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    finish_reason: str | None = None
+    started: bool = False  # a chat stream's first chunk carries the role
+    offset: int = 0  # text_offset of the next completion logprob
+
+
+class ResponseBuilder:
+    """Accumulates one request's engine outputs into OpenAI's response or stream chunks."""
+
+    def __init__(self, req: GenerationRequest, token_text: TokenText):
+        self.req = req
+        self._tt = token_text
+        n = req.params.n
+        self._n = n
+        self.choices = [_Choice() for _ in range(len(req.prompts) * n)]
+        self._prompt_cached = [0] * len(req.prompts)
+        self._prompt_lps: list[list[TokenLogprob | None] | None] = [None] * len(req.prompts)
+        self._remaining = len(self.choices)
+        self.id = ("cmpl-" if req.kind == "completion" else "chatcmpl-") + req.request_id
+
+    @property
+    def done(self) -> bool:
+        return self._remaining == 0
+
+    def add(self, prompt_index: int, out: RequestOutput) -> dict[str, Any] | None:
+        """Account one output; when streaming, returns the chunk's choice entry (None when there
+        is nothing to send)."""
+        req = self.req
+        index = prompt_index * self._n + out.index
+        ch = self.choices[index]
+        text, ids, lps = out.text, out.token_ids, out.logprobs
+        if req.drop_output:
+            text, ids, lps = "", [], None
+        entry_lps: list[TokenLogprob | None] = []
+        prefix = ""
+        if req.echo and not ch.started:
+            prefix = self._echo_text(prompt_index)
+            if req.logprobs is not None:
+                entry_lps.extend(self._prompt_logprobs(prompt_index, out))
+        if req.logprobs is not None and lps:
+            entry_lps.extend(lps)
+        delta = prefix + text
+        ch.text += delta
+        ch.tokens += len(ids)
+        if req.logprobs is not None:
+            ch.logprobs.extend(entry_lps)
+        if out.metrics is not None:
+            self._prompt_cached[prompt_index] = out.metrics.cached_prompt_tokens
+        first = not ch.started
+        ch.started = True
+        if out.finished:
+            ch.finish_reason = out.finish_reason
+            self._remaining -= 1
+        if not req.stream or (not delta and not out.finished and not entry_lps
+                              and not (first and req.kind == "chat")):
+            return None
+        if req.kind == "completion":
+            return {"index": index, "text": delta,
+                    "logprobs": self._completion_logprobs(entry_lps, ch)
+                    if req.logprobs is not None else None,
+                    "finish_reason": ch.finish_reason if out.finished else None}
+        d: dict[str, Any] = {"role": "assistant", "content": delta} if first else (
+            {"content": delta} if delta else {})
+        return {"index": index, "delta": d,
+                "logprobs": {"content": self._chat_logprobs(entry_lps)}
+                if req.logprobs is not None else None,
+                "finish_reason": ch.finish_reason if out.finished else None}
+
+    def _echo_text(self, prompt_index: int) -> str:
+        text = self.req.prompt_texts[prompt_index]
+        if not text:
+            ids = self.req.prompts[prompt_index]
+            text = self._tt.decode(ids) if ids else ""
+            self.req.prompt_texts[prompt_index] = text
+        return text
+
+    def _prompt_logprobs(self, prompt_index: int,
+                         out: RequestOutput) -> list[TokenLogprob | None]:
+        ids = self.req.prompts[prompt_index]
+        if out.prompt_logprobs is not None:  # on the request's first output only
+            self._prompt_lps[prompt_index] = out.prompt_logprobs
+        got = self._prompt_lps[prompt_index] or []
+        # The first prompt token has no logprob (nothing predicts it): keep its id for the
+        # `tokens` list with a None logprob.
+        result: list[TokenLogprob | None] = []
+        for i, t in enumerate(ids):
+            lp = got[i] if i < len(got) else None
+            result.append(lp if lp is not None else TokenLogprob(t, math.nan, {}))
+        return result
+
+    # ---- logprob formats ---------------------------------------------------------------
+    def _completion_logprobs(self, lps: list[TokenLogprob | None],
+                             ch: _Choice) -> dict[str, Any]:
+        tokens, token_lps, tops, offsets = [], [], [], []
+        for lp in lps:
+            if lp is None:
+                continue
+            s = self._tt(lp.token_id)
+            tokens.append(s)
+            offsets.append(ch.offset)
+            ch.offset += len(s)
+            if math.isnan(lp.logprob):
+                token_lps.append(None)
+                tops.append(None)
+                continue
+            token_lps.append(_lp(lp.logprob))
+            top = {self._tt(t): _lp(v) for t, v in sorted(lp.top.items(), key=lambda kv: -kv[1])}
+            top.setdefault(s, _lp(lp.logprob))
+            tops.append(top)
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
+                "text_offset": offsets}
+
+    def _chat_logprobs(self, lps: list[TokenLogprob | None]) -> list[dict[str, Any]]:
+        k = self.req.logprobs or 0
+        result = []
+        for lp in lps:
+            if lp is None:
+                continue
+            s = self._tt(lp.token_id)
+            top = sorted(lp.top.items(), key=lambda kv: -kv[1])[:k]
+            result.append({"token": s, "logprob": _lp(lp.logprob), "bytes": list(s.encode()),
+                           "top_logprobs": [{"token": self._tt(t), "logprob": _lp(v),
+                                             "bytes": list(self._tt(t).encode())}
+                                            for t, v in top]})
+        return result
+
+    # ---- whole objects -----------------------------------------------------------------
+    def usage(self) -> dict[str, Any]:
+        prompt = sum(len(p) for p in self.req.prompts)
+        completion = sum(c.tokens for c in self.choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(self._prompt_cached)}}
+
+    def chunk(self, choices: list[dict[str, Any]],
+              usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        obj = "text_completion" if self.req.kind == "completion" else "chat.completion.chunk"
+        c: dict[str, Any] = {"id": self.id, "object": obj, "created": self.req.created,
+                             "model": self.req.model, "choices": choices}
+        if usage is not None or self.req.include_usage:
+            c["usage"] = usage
+        return c
+
+    def response(self) -> dict[str, Any]:
+        req = self.req
+        choices = []
+        for i, ch in enumerate(self.choices):
+            if req.kind == "completion":
+                lps = None
+                if req.logprobs is not None:
+                    ch.offset = 0
+                    lps = self._completion_logprobs(ch.logprobs, ch)
+                choices.append({"index": i, "text": ch.text, "logprobs": lps,
+                                "finish_reason": ch.finish_reason})
+            else:
+                choices.append({"index": i,
+                                "message": {"role": "assistant", "content": ch.text},
+                                "logprobs": {"content": self._chat_logprobs(ch.logprobs)}
+                                if req.logprobs is not None else None,
+                                "finish_reason": ch.finish_reason})
+        return {"id": self.id,
+                "object": "text_completion" if req.kind == "completion" else "chat.completion",
+                "created": req.created, "model": req.model, "choices": choices,
+                "usage": self.usage()}
+
+
+def models_response(model_name: str, created: int, max_model_len: int) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                        "owned_by": "edgert", "max_model_len": max_model_len}]}
