@@ -14,22 +14,22 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 
           "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
 
 
-def parse_memory(text: str) -> int:
-    """'512MiB', '1.5G', '1048576', or '25%' of the memory available now (MemAvailable)."""
+def parse_memory(text: str, available: int | None = None) -> int:
+    """'512MiB', '1.5G', '1048576', or '25%' of `available` (default: MemAvailable now)."""
     t = text.strip().lower()
     if t.endswith("%"):
         frac = float(t[:-1]) / 100
         if not 0 < frac <= 0.9:
-            raise argparse.ArgumentTypeError("a percentage must be in (0, 90]")
-        return int(_mem_available() * frac)
+            raise ValueError(f"--kv-memory {text}: a percentage must be in (0, 90]")
+        return int((_mem_available() if available is None else available) * frac)
     num = t.rstrip("kmgib")
     unit = t[len(num):]
     if unit not in _UNITS:
-        raise argparse.ArgumentTypeError(f"unknown unit in {text!r} (use KiB, MiB, GiB)")
+        raise ValueError(f"--kv-memory {text}: unknown unit (use KiB, MiB, GiB)")
     try:
         return int(float(num) * _UNITS[unit])
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+        raise ValueError(f"--kv-memory {text}: not a size") from None
 
 
 def _mem_available() -> int:
@@ -43,9 +43,14 @@ def _mem_available() -> int:
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """The runtime's options, shared by generate, serve and bench."""
     g = p.add_argument_group("engine")
-    g.add_argument("--kv-memory", type=parse_memory, default="256MiB",
+    g.add_argument("--kv-memory", default=None,
                    help="KV pool size, allocated once at start: bytes with a unit (512MiB) or a "
-                        "percentage of available memory (25%%). Default 256MiB")
+                        "percentage (25%%) of the memory left after the weights on --device, "
+                        "else of the memory available now. Default: 90%% of the device's free "
+                        "memory with --device, else 256MiB")
+    g.add_argument("--device", default=None,
+                   help="device profile (devices/*.json: orin-nano-8gb, t4-16gb, ...) that "
+                        "sizes the pool and the limits")
     g.add_argument("--block-size", type=int, default=None,
                    help="tokens per KV block (default: the bundle's)")
     g.add_argument("--max-num-seqs", type=int, default=16,
@@ -74,8 +79,18 @@ def engine_config_from_args(args: argparse.Namespace):
     from edgert.backend_ort import BackendConfig
     from edgert.engine import EngineConfig
 
+    kv_memory = parse_memory(args.kv_memory or "256MiB")
+    if args.device:
+        import devices
+
+        profile = devices.load(args.device)
+        weights = Bundle.load(args.bundle, verify=False).weights_bytes()
+        free = profile.kv_budget(weights, fraction=1.0)
+        kv_memory = parse_memory(args.kv_memory or "90%", available=free)
+        if args.max_model_len is None:
+            args.max_model_len = profile.max_model_len
     return EngineConfig(
-        kv_memory=args.kv_memory, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+        kv_memory=kv_memory, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         max_waiting=args.max_waiting, enable_prefix_caching=not args.no_prefix_caching,
         backend=BackendConfig(provider=args.provider, threads=args.threads,
@@ -121,6 +136,18 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from edgert.server import serve_from_args
+
+    return serve_from_args(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from edgert.bench_serve import bench_from_args
+
+    return bench_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgert", description="Edge LLM inference runtime: export, inspect, run and serve "
@@ -148,6 +175,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="print timing to stderr")
     add_engine_args(p)
     p.set_defaults(func=_generate)
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API over a Unix socket",
+                       description="Load a bundle and serve /v1/completions, "
+                                   "/v1/chat/completions, /v1/models, /v1/tokenize, /health and "
+                                   "/metrics over a Unix socket (and optionally TCP on loopback)."
+                                   " SIGTERM drains in-flight requests, then exits 0.")
+    p.add_argument("bundle", help="bundle directory")
+    p.add_argument("--socket", metavar="PATH",
+                   help="Unix socket to create (mode 0660); ignored under socket activation")
+    p.add_argument("--socket-group", metavar="GROUP", help="group (name or gid) of the socket")
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help="also serve TCP (off by default; loopback addresses only)")
+    p.add_argument("--listen-any-address", action="store_true",
+                   help="allow --listen on a non-loopback address (no access control on TCP)")
+    p.add_argument("--allow-uid", type=int, action="append", metavar="UID",
+                   help="only peers with this uid (SO_PEERCRED) may connect; repeatable")
+    p.add_argument("--allow-gid", type=int, action="append", metavar="GID",
+                   help="only peers with this primary gid may connect; repeatable")
+    p.add_argument("--grace", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM (30)")
+    p.add_argument("--max-body-size", type=parse_memory, default="4MiB",
+                   help="largest request body; larger ones get 413 (4MiB)")
+    p.add_argument("--served-model-name", help="model id in the API (default: the bundle's name)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip running every shape bucket before ready (development only: "
+                        "the first requests are then slow)")
+    p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    add_engine_args(p)
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("bench", help="load-test a running server",
+                       description="Send requests at several concurrency levels (optionally "
+                                   "with Poisson arrivals) and report TTFT, TPOT, end-to-end "
+                                   "latency percentiles and output tokens/s.")
+    target = p.add_argument_group("target")
+    target.add_argument("--socket", metavar="PATH", help="the server's Unix socket")
+    target.add_argument("--url", help="the server's base URL instead, e.g. http://127.0.0.1:8000")
+    p.set_defaults(func=_bench)
+    from edgert.bench_serve import add_bench_args
+
+    add_bench_args(p)
     for ep in entry_points(group="edgert.commands"):
         try:
             ep.load()(sub)

@@ -8,7 +8,6 @@ A registry per server (not the process-global one) keeps in-process tests indepe
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
@@ -61,34 +60,32 @@ class ServerMetrics:
             "request; observed after the step that ran it, so an upper bound at step "
             "granularity", buckets=_LATENCY_BUCKETS, registry=r)
         r.register(_EngineCollector(engine))
-        self._started: set[str] = set()  # engine thread only
-        self._lock = threading.Lock()
+        self._started: set[str] = set()  # request ids seen running; engine thread only
 
     def on_step(self, outputs: list[RequestOutput], engine: AsyncEngine) -> None:
         """Called on the engine thread after each step that produced outputs."""
         now = time.monotonic()
-        with self._lock:
-            for seq in engine.engine.scheduler.running:
-                if seq.request_id not in self._started:
-                    self._started.add(seq.request_id)
-                    self.queue.observe(max(0.0, now - seq.arrival))
-            for out in outputs:
-                m = out.metrics
-                if m is None:
-                    continue
-                if out.request_id not in self._started and m.ttft is not None:
-                    self.queue.observe(m.ttft)  # started and finished within one step
-                self._started.discard(out.request_id)
-                self.requests.labels(out.finish_reason or "unknown").inc()
-                self.prompt_tokens.inc(m.prompt_tokens)
-                self.cached_prompt_tokens.inc(m.cached_prompt_tokens)
-                self.generation_tokens.inc(m.completion_tokens)
-                if m.ttft is not None:
-                    self.ttft.observe(m.ttft)
-                if m.tpot is not None:
-                    self.tpot.observe(m.tpot)
-                if m.finished_time is not None:
-                    self.e2e.observe(m.finished_time - m.arrival_time)
+        for seq in engine.engine.scheduler.running:
+            if seq.request_id not in self._started:
+                self._started.add(seq.request_id)
+                self.queue.observe(max(0.0, now - seq.arrival))
+        for out in outputs:
+            m = out.metrics
+            if m is None:
+                continue
+            if out.request_id not in self._started and m.ttft is not None:
+                self.queue.observe(m.ttft)  # started and finished within one step
+            self._started.discard(out.request_id)
+            self.requests.labels(out.finish_reason or "unknown").inc()
+            self.prompt_tokens.inc(m.prompt_tokens)
+            self.cached_prompt_tokens.inc(m.cached_prompt_tokens)
+            self.generation_tokens.inc(m.completion_tokens)
+            if m.ttft is not None:
+                self.ttft.observe(m.ttft)
+            if m.tpot is not None:
+                self.tpot.observe(m.tpot)
+            if m.finished_time is not None:
+                self.e2e.observe(m.finished_time - m.arrival_time)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

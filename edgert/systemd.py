@@ -9,7 +9,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +102,17 @@ def listen_fds(unset_environment: bool = True) -> list[socket.socket]:
 
 @contextlib.contextmanager
 def extend_timeout_while(notifier: Notifier, loop: asyncio.AbstractEventLoop,
-                         every: float = 5.0):
+                         every: float = 5.0, watchdog: bool = False) -> Iterator[None]:
     """Keep extending systemd's start timeout (EXTEND_TIMEOUT_USEC) while the body runs, so a
-    slow model load on a small board is not killed by TimeoutStartSec, yet a load that really
-    hangs the whole process still is (the pings come from the event loop)."""
+    slow model load on a small board is not killed by TimeoutStartSec, yet a load that hangs
+    the whole process still is (the pings come from the event loop). With `watchdog`, the
+    same timer also pings WATCHDOG=1: there is no engine loop to vouch for yet."""
     usec = int(every * 3 * 1e6)
+    states = [f"EXTEND_TIMEOUT_USEC={usec}"] + (["WATCHDOG=1"] if watchdog else [])
 
     def ping() -> None:
         nonlocal handle
-        notifier.notify(f"EXTEND_TIMEOUT_USEC={usec}")
+        notifier.notify(*states)
         handle = loop.call_later(every, ping)
 
     handle: asyncio.TimerHandle | None = None

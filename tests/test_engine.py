@@ -237,3 +237,69 @@ def test_logprobs_are_log_softmax(llm):
     for lp in res.choices[0].logprobs:
         assert lp.top and max(lp.top.values()) == pytest.approx(lp.logprob, abs=1e-5)
         assert np.all(np.array(list(lp.top.values())) <= 0)
+
+
+def test_seeded_sampling_survives_preemption(llm, smollm2_bundle):
+    """Random numbers are keyed by (seed, step): a sequence preempted and recomputed samples the
+    same tokens as one that never was."""
+    params = [SamplingParams(max_tokens=24, temperature=0.8, seed=100 + i) for i in range(6)]
+    want = [llm.generate(p, sp)[0].token_ids for p, sp in zip(PROMPTS[:6], params)]
+    per_block = 2 * 30 * 3 * 64 * 4 * 16
+    engine = _engine(smollm2_bundle, kv_memory=9 * per_block, enable_prefix_caching=False)
+    rids = {engine.add_request(p, sp): i for i, (p, sp) in enumerate(zip(PROMPTS[:6], params))}
+    got: dict[int, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got.setdefault(rids[out.request_id], []).extend(out.token_ids)
+    assert engine.stats.preemptions > 0
+    assert [got[i] for i in range(6)] == want
+
+
+def test_priority_and_fcfs(smollm2_bundle):
+    """With one sequence slot, waiting requests run by priority (lower first), then arrival."""
+    engine = _engine(smollm2_bundle, max_num_seqs=1)
+    order = []
+    rids = {}
+    for name, prio in [("first", 0), ("low", 5), ("high", -1), ("second", 0)]:
+        rids[engine.add_request(PROMPTS[3], SamplingParams(max_tokens=2, temperature=0,
+                                                           priority=prio))] = name
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                order.append(rids[out.request_id])
+    assert order == ["high", "first", "second", "low"]
+
+
+def test_async_engine_streams_and_cancels(smollm2_bundle):
+    import asyncio
+
+    from edgert.async_engine import AsyncEngine
+
+    async def main():
+        aengine = AsyncEngine(_engine(smollm2_bundle))
+        aengine.start()
+        try:
+            deltas = []
+            async for out in aengine.generate(aengine.tokenizer.encode(PROMPTS[0]),
+                                              SamplingParams(max_tokens=12, temperature=0)):
+                deltas.append(out.text)
+            assert len(deltas) > 3 and "".join(deltas).strip()
+            agen = aengine.generate(aengine.tokenizer.encode(PROMPTS[1]),
+                                    SamplingParams(max_tokens=400, temperature=0,
+                                                   ignore_eos=True))
+            n = 0
+            async for _ in agen:
+                n += 1
+                if n == 5:
+                    break
+            await agen.aclose()  # the client went away: the request is aborted
+            for _ in range(100):
+                if aengine.engine.pool_usage().used == 0 and not aengine.engine.num_requests:
+                    break
+                await asyncio.sleep(0.05)
+            assert aengine.engine.pool_usage().used == 0
+            assert aengine.alive
+        finally:
+            await aengine.stop()
+
+    asyncio.run(main())

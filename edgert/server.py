@@ -1,0 +1,652 @@
+"""`edgert serve`: the OpenAI-compatible HTTP service over a Unix socket (and optionally TCP on
+loopback), on aiohttp's server.
+
+One AsyncEngine per process; each HTTP request is its own aiohttp handler task that iterates
+the engine's output stream. A client that goes away cancels its handler (handler_cancellation),
+which closes the stream, which aborts the request and frees its blocks at once.
+
+Lifecycle: bind (refusing a socket a live server holds, replacing a stale one) -> serve /health
+as 503 "loading" while the model loads and warms in a thread (systemd start timeout extended
+meanwhile) -> READY=1 -> watchdog pings while the engine heartbeat is fresh -> on SIGTERM stop
+listening, let in-flight requests finish within the grace period, stop the engine, remove the
+socket file if this process created it, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import struct
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from edgert.async_engine import AsyncEngine, EngineDead
+from edgert.engine import EngineConfig, LLMEngine
+from edgert.metrics import CONTENT_TYPE, ServerMetrics
+from edgert.openai_api import (
+    ApiError,
+    GenerationRequest,
+    ParseContext,
+    ResponseBuilder,
+    TokenText,
+    models_response,
+    parse_chat,
+    parse_completion,
+    parse_tokenize,
+)
+from edgert.outputs import RequestOutput
+from edgert.scheduler import RequestRejected
+from edgert.systemd import (
+    Notifier,
+    extend_timeout_while,
+    listen_fds,
+    run_watchdog,
+    watchdog_interval,
+)
+
+log = logging.getLogger("edgert.server")
+
+MiB = 1 << 20
+_METHODS = {"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"}
+_T = TypeVar("_T")
+
+
+class ServeError(RuntimeError):
+    """The server refuses to start (socket held by a live server, bad address, ...)."""
+
+
+@dataclass
+class ServeOptions:
+    socket_path: str | None = None
+    socket_group: str | None = None  # group name or gid given the socket file (mode 0660)
+    socket_mode: int = 0o660
+    listen: str | None = None  # "HOST:PORT" for TCP, loopback unless listen_any_address
+    listen_any_address: bool = False
+    allow_uids: frozenset[int] = frozenset()  # SO_PEERCRED allow-list; empty: no check
+    allow_gids: frozenset[int] = frozenset()
+    grace: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
+    max_body_size: int = 4 * MiB
+    served_model_name: str | None = None
+    warmup: bool = True
+    heartbeat_timeout: float = 5.0  # an engine loop silent for longer is reported unhealthy
+    access_log: bool = False
+
+
+class Service:
+    """The HTTP app plus everything it serves from: sockets, engine, metrics, systemd."""
+
+    def __init__(self, options: ServeOptions, notifier: Notifier | None = None):
+        self.options = options
+        self.notifier = notifier or Notifier()
+        self.aengine: AsyncEngine | None = None
+        self.metrics = ServerMetrics(lambda: self.aengine)
+        self.model_name: str | None = None
+        self.draining = False
+        self.started = int(time.time())
+        self.loader: threading.Thread | None = None
+        self._ctx: ParseContext | None = None
+        self._token_text: TokenText | None = None
+        self._runner: web.AppRunner | None = None
+        self._created_socket: tuple[str, int, int] | None = None  # path, st_dev, st_ino
+        self._watchdog: asyncio.Task[None] | None = None
+        self.app = self._build_app()
+
+    # ---- the app -------------------------------------------------------------------------
+    def _build_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.options.max_body_size,
+                              middlewares=[self._middleware])
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/tokenize", self._tokenize)
+        app.router.add_post("/v1/detokenize", self._detokenize)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    @web.middleware
+    async def _middleware(self, request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                          ) -> web.StreamResponse:
+        """Peer check, uniform JSON errors (aiohttp's own 404/405/413 included) and the HTTP
+        request counter. Labels are bounded: hostile paths and methods cannot grow them."""
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        method = request.method if request.method in _METHODS else "other"
+        status = 499  # the client went away before an answer
+        try:
+            self._check_peer(request)
+            resp = await handler(request)
+            status = resp.status
+            return resp
+        except ApiError as e:
+            status = e.status
+            return _error_response(e, close=e.status == 403)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            status = e.status
+            return _error_response(self._http_error(request, e))
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:  # a bug: answer 500 and keep serving
+            log.exception("unhandled error in %s %s", request.method, route)
+            status = 500
+            return _error_response(ApiError(500, "internal server error", None, "internal"))
+        finally:
+            self.metrics.http_requests.labels(route, method, str(status)).inc()
+
+    def _check_peer(self, request: web.Request) -> None:
+        opts = self.options
+        if not opts.allow_uids and not opts.allow_gids:
+            return
+        transport = request.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None or sock.family != socket.AF_UNIX:
+            raise ApiError(403, "peer credentials are unavailable on this connection",
+                           None, "forbidden")
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, gid = struct.unpack("3i", creds)
+        if uid not in opts.allow_uids and gid not in opts.allow_gids:
+            raise ApiError(403, f"peer uid {uid} / gid {gid} is not allowed on this socket",
+                           None, "forbidden")
+
+    def _http_error(self, request: web.Request, e: web.HTTPException) -> ApiError:
+        """aiohttp's own refusals, in the API's JSON error shape."""
+        path = request.path[:100]
+        if e.status == 413:
+            return ApiError(413, f"request body too large (limit {self.options.max_body_size} "
+                                 "bytes)", "body", "body_too_large")
+        if e.status == 404:
+            return ApiError(404, f"no route {path}", None, "not_found")
+        if e.status == 405:
+            allow = e.headers.get("Allow", "")
+            return ApiError(405, f"method {request.method[:16]} is not allowed on {path}", None,
+                            "method_not_allowed", {"Allow": allow} if allow else None)
+        return ApiError(e.status, e.reason or "error", None, None)
+
+    def _engine(self) -> AsyncEngine:
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", None, "shutting_down",
+                           {"Retry-After": "5"})
+        if self.aengine is None:
+            raise ApiError(503, "the model is loading", None, "loading", {"Retry-After": "5"})
+        if not self.aengine.alive:
+            raise ApiError(503, "the engine is not running", None, "engine_dead")
+        return self.aengine
+
+    # ---- generation ----------------------------------------------------------------------
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, parse_completion)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, parse_chat)
+
+    async def _generate(self, request: web.Request,
+                        parse: Callable[[dict[str, Any], ParseContext], GenerationRequest]
+                        ) -> web.StreamResponse:
+        aengine = self._engine()
+        body = await _json_body(request)
+        assert self._ctx is not None and self._token_text is not None
+        req = parse(body, self._ctx)
+        for ids in req.prompts:  # all of a batch is checked before any of it starts
+            try:
+                aengine.engine.validate(ids, req.params)
+            except RequestRejected as e:
+                raise _rejected(e) from None
+        builder = ResponseBuilder(req, self._token_text)
+        async with contextlib.aclosing(self._outputs(aengine, req)) as outputs:
+            try:
+                # Wait for the first output before answering, so that a request the engine
+                # refuses late (queue full) still gets a proper status code.
+                first = await anext(outputs)
+            except StopAsyncIteration:
+                raise ApiError(500, "the engine produced no output", None, "internal") from None
+            except (RequestRejected, EngineDead) as e:
+                raise _engine_error(e) from None
+            if not req.stream:
+                try:
+                    builder.add(*first)
+                    async for item in outputs:
+                        builder.add(*item)
+                except (RequestRejected, EngineDead) as e:
+                    raise _engine_error(e) from None
+                return web.json_response(builder.response())
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache"})
+            await resp.prepare(request)
+            try:
+                await _send(resp, builder, first)
+                async for item in outputs:
+                    await _send(resp, builder, item)
+                if req.include_usage:
+                    await resp.write(_sse(builder.chunk([], builder.usage())))
+            except (RequestRejected, EngineDead) as e:
+                await resp.write(_sse(_engine_error(e).body()))
+            except ConnectionResetError:  # the client left; closing `outputs` aborts
+                return resp
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+
+    async def _outputs(self, aengine: AsyncEngine,
+                       req: GenerationRequest) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, output) for every prompt of the request, merged as they come."""
+        if len(req.prompts) == 1:
+            async for out in aengine.generate(req.prompts[0], req.params, req.request_id):
+                yield 0, out
+            return
+        queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException] = asyncio.Queue()
+
+        async def pump(i: int, ids: list[int]) -> None:
+            try:
+                async for out in aengine.generate(ids, req.params, f"{req.request_id}-{i}"):
+                    queue.put_nowait((i, out))
+            except Exception as e:
+                queue.put_nowait(e)
+
+        tasks = [asyncio.create_task(pump(i, ids)) for i, ids in enumerate(req.prompts)]
+        remaining = len(req.prompts) * req.params.n
+        try:
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                remaining -= item[1].finished
+                yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---- the rest of the API -------------------------------------------------------------
+    async def _models(self, request: web.Request) -> web.Response:
+        aengine = self._engine()
+        assert self.model_name is not None
+        return web.json_response(models_response(self.model_name, self.started,
+                                                 aengine.engine.max_model_len))
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        aengine = self._engine()
+        body = await _json_body(request)
+        assert self._ctx is not None
+        ids = parse_tokenize(body, self._ctx)
+        return web.json_response({"tokens": ids, "count": len(ids),
+                                  "max_model_len": aengine.engine.max_model_len})
+
+    async def _detokenize(self, request: web.Request) -> web.Response:
+        aengine = self._engine()
+        body = await _json_body(request)
+        tokens = body.get("tokens")
+        vocab = aengine.engine.model_config.vocab_size
+        if not isinstance(tokens, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                for t in tokens):
+            raise ApiError(400, f"tokens: must be an array of token ids in [0, {vocab})",
+                           "tokens", "invalid_value")
+        return web.json_response({"prompt": aengine.tokenizer.decode(tokens)})
+
+    def health(self) -> tuple[bool, str]:
+        """Healthy only with the model loaded and the engine loop alive and turning."""
+        if self.draining:
+            return False, "draining"
+        if self.aengine is None:
+            return False, "loading"
+        if not self.aengine.alive:
+            return False, "engine_dead"
+        if time.monotonic() - self.aengine.heartbeat > self.options.heartbeat_timeout:
+            return False, "engine_stalled"
+        return True, "ok"
+
+    async def _health(self, request: web.Request) -> web.Response:
+        ok, status = self.health()
+        return web.json_response({"status": status, "model": self.model_name},
+                                 status=200 if ok else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def open(self) -> list[str]:
+        """Bind (or take from systemd) the listening sockets and start answering; returns the
+        sites' names. Generation answers 503 until `attach`/`load`."""
+        sockets = self._sockets()
+        self._runner = web.AppRunner(self.app, handle_signals=False, handler_cancellation=True,
+                                     shutdown_timeout=self.options.grace,
+                                     access_log=log if self.options.access_log else None)
+        await self._runner.setup()
+        names = []
+        for sock in sockets:
+            site = web.SockSite(self._runner, sock)
+            await site.start()
+            names.append(site.name)
+        return names
+
+    def attach(self, engine: LLMEngine) -> None:
+        """Serve a loaded (and warmed) engine."""
+        aengine = AsyncEngine(engine)
+        aengine.on_step = lambda outs: self.metrics.on_step(outs, aengine)
+        aengine.start()
+        self.model_name = self.options.served_model_name or engine.bundle.name
+        block_size, total_blocks = engine.block_size, engine.pool_usage().total
+        self._ctx = ParseContext(self.model_name, engine.tokenizer, engine.max_model_len,
+                                 lambda n: (total_blocks // n) * block_size)
+        self._token_text = TokenText(engine.tokenizer)
+        self.aengine = aengine
+
+    async def load(self, bundle: str, config: EngineConfig) -> None:
+        """Load and warm the model off the event loop (so /health answers meanwhile), then
+        attach it and tell systemd READY=1."""
+        period = watchdog_interval()
+        self.notifier.notify("STATUS=loading the model")
+        every = min(5.0, period / 2) if period else 5.0
+        with extend_timeout_while(self.notifier, asyncio.get_running_loop(), every,
+                                  watchdog=period is not None):
+            engine = await self._in_thread(lambda: _load_engine(bundle, config,
+                                                                self.options.warmup))
+        self.attach(engine)
+        self.notifier.notify("READY=1", f"STATUS=serving {self.model_name}")
+        log.info("ready: serving %s", self.model_name)
+        if period is not None:
+            self._watchdog = asyncio.create_task(
+                run_watchdog(self.notifier, period, lambda: self.health()[0]))
+
+    async def _in_thread(self, fn: Callable[[], _T]) -> _T:
+        """Run fn on a daemon thread: unlike the default executor, a SIGTERM during the load
+        does not have to wait for it."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[_T] = loop.create_future()
+
+        def settle(ok: bool, value: Any) -> None:
+            if not fut.done():
+                (fut.set_result if ok else fut.set_exception)(value)
+
+        def run() -> None:
+            try:
+                result: Any = fn()
+                ok = True
+            except BaseException as e:
+                result, ok = e, False
+            with contextlib.suppress(RuntimeError):  # the loop is gone: we are exiting
+                loop.call_soon_threadsafe(settle, ok, result)
+
+        self.loader = threading.Thread(target=run, name="edgert-load", daemon=True)
+        self.loader.start()
+        return await fut
+
+    async def drain(self) -> None:
+        """Stop listening, give in-flight requests the grace period, stop the engine."""
+        if self.draining:
+            return
+        self.draining = True
+        self.notifier.notify("STOPPING=1", "STATUS=draining")
+        if self._runner is not None:
+            log.info("draining: up to %.0f s for in-flight requests", self.options.grace)
+            await self._runner.cleanup()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self.aengine is not None:
+            await self.aengine.stop()
+        self._remove_socket()
+        self.notifier.close()
+
+    # ---- sockets -------------------------------------------------------------------------
+    def _sockets(self) -> list[socket.socket]:
+        opts = self.options
+        socks = listen_fds()
+        if socks:
+            log.info("socket activation: %d socket(s) from systemd", len(socks))
+        try:
+            if not socks:
+                if opts.socket_path:
+                    socks.append(self._bind_unix(opts.socket_path))
+                if opts.listen:
+                    socks.append(_bind_tcp(opts.listen, opts.listen_any_address))
+            if not socks:
+                raise ServeError("nothing to listen on: give --socket PATH and/or --listen "
+                                 "HOST:PORT (or run under systemd socket activation)")
+            if (opts.allow_uids or opts.allow_gids) and any(
+                    s.family != socket.AF_UNIX for s in socks):
+                raise ServeError("--allow-uid/--allow-gid are checked with SO_PEERCRED, which "
+                                 "TCP does not have; drop the allow-list or the TCP listener")
+        except BaseException:
+            for s in socks:
+                s.close()
+            self._remove_socket()
+            raise
+        return socks
+
+    def _bind_unix(self, path: str) -> socket.socket:
+        _clear_stale_socket(path)
+        gid = _group_id(self.options.socket_group) if self.options.socket_group else None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Bind under a umask that leaves the owner alone, so the file is never wider than
+        # intended even for a moment; then set the final group and mode.
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        except OSError as e:
+            sock.close()
+            raise ServeError(f"cannot bind {path}: {e.strerror}") from None
+        finally:
+            os.umask(old)
+        st = os.stat(path)
+        self._created_socket = (path, st.st_dev, st.st_ino)
+        try:
+            if gid is not None:
+                os.chown(path, -1, gid)
+            os.chmod(path, self.options.socket_mode)
+        except OSError as e:
+            sock.close()
+            self._remove_socket()
+            raise ServeError(f"cannot set the group/mode of {path}: {e.strerror}") from None
+        sock.listen(512)
+        log.info("listening on unix:%s", path)
+        return sock
+
+    def _remove_socket(self) -> None:
+        """Remove the socket file only if it is still the one this process created: never one
+        systemd passed us, nor one a successor has bound since."""
+        if self._created_socket is None:
+            return
+        path, dev, ino = self._created_socket
+        self._created_socket = None
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                os.unlink(path)
+
+
+def _clear_stale_socket(path: str) -> None:
+    """A socket file nobody listens on (a crashed server's) is replaced; one a live server
+    holds is not stolen; anything that is not a socket is left alone."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ServeError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        log.warning("replacing stale socket %s (nobody is listening on it)", path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ServeError(f"{path}: cannot tell whether a server holds this socket "
+                         f"({e.strerror or e}); refusing to replace it") from None
+    finally:
+        probe.close()
+    raise ServeError(f"{path}: another server is listening on this socket; stop it first or "
+                     "choose another --socket")
+
+
+def _group_id(group: str) -> int:
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ServeError(f"--socket-group: no group named {group!r}") from None
+
+
+def _bind_tcp(listen: str, any_address: bool) -> socket.socket:
+    host, sep, port_text = listen.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
+        raise ServeError(f"--listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8000")
+    port = int(port_text)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ServeError(f"--listen {listen!r}: {e.strerror}") from None
+    loopback = all(ipaddress.ip_address(str(i[4][0]).split("%")[0]).is_loopback for i in infos)
+    if not loopback and not any_address:
+        raise ServeError(f"--listen {listen!r} is not a loopback address; TCP has no access "
+                         "control here, so pass --listen-any-address to expose it anyway")
+    family, _, _, _, addr = infos[0]
+    try:
+        sock = socket.create_server(addr[:2], family=family, backlog=512)
+    except OSError as e:
+        raise ServeError(f"--listen {listen!r}: {e.strerror}") from None
+    log.info("listening on tcp:%s", listen)
+    return sock
+
+
+def _load_engine(bundle: str, config: EngineConfig, warmup: bool) -> LLMEngine:
+    t0 = time.monotonic()
+    engine = LLMEngine(bundle, config)
+    log.info("model %s loaded in %.1f s (pool %d blocks)", engine.bundle.name,
+             time.monotonic() - t0, engine.pool_usage().total)
+    if warmup:
+        t1 = time.monotonic()
+        shapes = engine.warmup()
+        log.info("warmed %d shapes in %.1f s", shapes, time.monotonic() - t1)
+    return engine
+
+
+# ---- small helpers ---------------------------------------------------------------------------
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge -> 413
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, f"malformed JSON body: {str(e)[:200]}", None, "invalid_json"
+                       ) from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object", None, "invalid_json")
+    return body
+
+
+def _error_response(e: ApiError, close: bool = False) -> web.Response:
+    resp = web.json_response(e.body(), status=e.status, headers=e.headers)
+    if close:
+        resp.force_close()
+    return resp
+
+
+def _rejected(e: RequestRejected) -> ApiError:
+    if e.status == 429:
+        return ApiError(429, str(e), None, "queue_full", {"Retry-After": "1"})
+    return ApiError(e.status, str(e), e.field, "invalid_value")
+
+
+def _engine_error(e: Exception) -> ApiError:
+    if isinstance(e, RequestRejected):
+        return _rejected(e)
+    return ApiError(503, str(e), None, "engine_dead")
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() \
+        + b"\n\n"
+
+
+async def _send(resp: web.StreamResponse, builder: ResponseBuilder,
+                item: tuple[int, RequestOutput]) -> None:
+    entry = builder.add(*item)
+    if entry is None:
+        return
+    usage = builder.usage() if builder.done and not builder.req.include_usage else None
+    await resp.write(_sse(builder.chunk([entry], usage)))
+
+
+# ---- the entry point -------------------------------------------------------------------------
+
+async def _serve(bundle: str, config: EngineConfig, options: ServeOptions,
+                 service: Service) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await service.open()
+    try:
+        load = asyncio.create_task(service.load(bundle, config))
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if load.done():
+            load.result()  # a load error ends here, after the cleanup below
+            await stopped
+        else:
+            log.info("stopping while the model loads")
+            load.cancel()
+        log.info("signal received: shutting down")
+    finally:
+        await service.drain()
+    return 0
+
+
+def serve(bundle: str, config: EngineConfig, options: ServeOptions) -> int:
+    """Run the server until SIGTERM/SIGINT; 0 after a clean drain."""
+    service = Service(options)
+    try:
+        code = asyncio.run(_serve(bundle, config, options, service))
+    except ServeError as e:
+        print(f"edgert serve: error: {e}", file=sys.stderr)
+        return 1
+    if service.loader is not None and service.loader.is_alive():
+        # Stopped mid-load: the loader thread is inside ORT; do not run interpreter teardown
+        # under it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def serve_from_args(args: Any) -> int:
+    """`edgert serve` (argument parsing lives in edgert.cli)."""
+    from edgert.cli import engine_config_from_args
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = ServeOptions(
+        socket_path=args.socket, socket_group=args.socket_group, listen=args.listen,
+        listen_any_address=args.listen_any_address,
+        allow_uids=frozenset(args.allow_uid or ()), allow_gids=frozenset(args.allow_gid or ()),
+        grace=args.grace, max_body_size=args.max_body_size,
+        served_model_name=args.served_model_name, warmup=not args.no_warmup,
+        access_log=args.access_log)
+    return serve(args.bundle, engine_config_from_args(args), options)
