@@ -325,18 +325,24 @@ class LLMEngine:
 
     # ---- warm-up -----------------------------------------------------------------------------
     def warmup(self) -> int:
-        """Run every bucketed shape the scheduler can produce once, so the first real request
-        does not pay for ORT's shape specialisation and arena growth. Returns shapes run."""
-        shapes = set()
+        """Run the bucketed shapes the scheduler can produce, largest first, so the first real
+        request does not pay for ORT's shape specialisation, and so ORT's arena reaches its peak
+        now: smaller shapes are carved from the chunks the largest ones left, and resident
+        memory stays flat afterwards. Returns the number of shapes run."""
         seqs = sorted({bucket(n) for n in range(1, self.config.max_num_seqs + 1)})
-        max_blocks = self.allocator.blocks_needed(self.max_model_len)
-        blocks = sorted({bucket(n) for n in range(1, max_blocks + 1)})
-        for s in seqs:
-            shapes.update((s, 1, b) for b in blocks[:4])
+        pool_blocks = min(self.allocator.blocks_needed(self.max_model_len),
+                          self.allocator.usage().total)
+        blocks = sorted({bucket(n) for n in range(1, pool_blocks + 1)})
+        b_max = blocks[-1]
         budget = self.config.max_num_batched_tokens
-        for t in sorted({bucket(n) for n in range(1, budget + 1)}):
-            shapes.add((max(1, min(bucket(budget // t), seqs[-1])), t, 1))
-        for s, t, b in sorted(shapes):
+        # The peaks: the widest decode and the longest prefill chunk over the longest past.
+        shapes = {(seqs[-1], 1, b_max), (1, bucket(budget), b_max)}
+        for s in seqs:  # then each decode and chunk width once, over short pasts (cheap)
+            shapes.update((s, 1, b) for b in blocks[:3])
+        for t in sorted({bucket(n) for n in range(2, budget + 1)}):
+            shapes.update({(max([1, *(x for x in seqs if x * t <= bucket(budget))]), t, 1),
+                           (1, t, 1)})
+        for s, t, b in sorted(shapes, key=lambda x: -x[0] * x[1] * x[2]):
             self.backend.run(_dummy_inputs(s, t, b))
         return len(shapes)
 
