@@ -38,16 +38,21 @@ class BenchResult:
         return (self.prompt_tokens + self.output_tokens) / self.seconds
 
 
-def workload(tokenizer, n: int, prompt_len: tuple[int, int], seed: int = 0) -> list[list[int]]:
+def workload(tokenizer, n: int, mean_len: int, dist: str, seed: int = 0) -> list[list[int]]:
+    """n prompts cut from the stdlib's pydoc topics, lengths drawn as `edgert bench --socket`
+    draws them (fixed, uniform +-50%, or exponential around the mean)."""
+    import random
     from pydoc_data.topics import topics
+
+    from edgert.bench_serve import draw_length
 
     text = "\n".join(topics[k] for k in sorted(topics))
     ids = tokenizer.encode(text, add_special_tokens=False)
-    rng = np.random.default_rng(seed)
+    rng = random.Random(seed)
     out = []
     for _ in range(n):
-        length = int(rng.integers(prompt_len[0], prompt_len[1] + 1))
-        start = int(rng.integers(0, len(ids) - length))
+        length = min(draw_length(rng, mean_len, dist), len(ids) - 1)
+        start = rng.randrange(0, len(ids) - length)
         out.append(ids[start:start + length])
     return out
 
@@ -74,17 +79,21 @@ def run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, label: str
 
 
 def main(args: argparse.Namespace, config: EngineConfig) -> int:
-    batched = LLMEngine(args.bundle, replace(config, max_num_seqs=args.concurrency))
-    prompts = workload(batched.tokenizer, args.requests,
-                       (args.prompt_len_min, args.prompt_len_max))
+    """Run by `edgert bench BUNDLE --offline`; the largest --concurrency level is the batched
+    run's max_num_seqs, --output-len the fixed output length."""
+    concurrency = max(int(c) for c in str(args.concurrency).split(",") if c.strip())
+    batched = LLMEngine(args.bundle, replace(config, max_num_seqs=concurrency))
+    prompts = workload(batched.tokenizer, args.requests, args.prompt_len, args.len_dist,
+                       args.seed)
+    max_tokens = args.output_len
     batched.warmup()
     # Warm both paths once on a small slice so neither pays first-call costs in the timing.
     run(batched, prompts[:2], 4, "warm")
-    results = [run(batched, prompts, args.max_tokens, f"batched (max_num_seqs={args.concurrency})")]
+    results = [run(batched, prompts, max_tokens, f"batched (max_num_seqs={concurrency})")]
     del batched
     single = LLMEngine(args.bundle, replace(config, max_num_seqs=1, verify_bundle=False))
     run(single, prompts[:1], 4, "warm")
-    results.append(run(single, prompts, args.max_tokens, "sequential (max_num_seqs=1)"))
+    results.append(run(single, prompts, max_tokens, "sequential (max_num_seqs=1)"))
     for r in results:
         print(f"{r.label:<32} {r.requests} requests, {r.prompt_tokens} prompt + "
               f"{r.output_tokens} output tokens in {r.seconds:.1f} s: "
@@ -98,14 +107,3 @@ def main(args: argparse.Namespace, config: EngineConfig) -> int:
         with open(args.json, "w") as f:
             json.dump({"results": payload, "ratio_output_tps": ratio}, f, indent=2)
     return 0
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("offline benchmark (--offline)")
-    g.add_argument("--requests", type=int, default=32, help="number of prompts (32)")
-    g.add_argument("--concurrency", type=int, default=16,
-                   help="max_num_seqs of the batched run (16)")
-    g.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (64)")
-    g.add_argument("--prompt-len-min", type=int, default=16)
-    g.add_argument("--prompt-len-max", type=int, default=128)
-    g.add_argument("--json", default=None, help="also write the results to this JSON file")

@@ -143,6 +143,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.offline:
+        from edgert import bench_offline
+
+        if not args.bundle:
+            raise ValueError("--offline needs a BUNDLE")
+        return bench_offline.main(args, engine_config_from_args(args))
     from edgert.bench_serve import bench_from_args
 
     return bench_from_args(args)
@@ -206,10 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("bench", help="load-test a running server",
-                       description="Send requests at several concurrency levels (optionally "
-                                   "with Poisson arrivals) and report TTFT, TPOT, end-to-end "
-                                   "latency percentiles and output tokens/s.")
+    p = sub.add_parser("bench", help="load-test a running server, or the engine offline",
+                       description="With --socket/--url: send requests at several concurrency "
+                                   "levels (optionally with Poisson arrivals) and report TTFT, "
+                                   "TPOT, end-to-end latency percentiles and output tokens/s. "
+                                   "With BUNDLE --offline: run the same workload through the "
+                                   "engine batched (max_num_seqs = the largest --concurrency) "
+                                   "and one sequence at a time, side by side, and print the "
+                                   "throughput ratio.")
+    p.add_argument("bundle", nargs="?", help="bundle directory (with --offline)")
+    p.add_argument("--offline", action="store_true",
+                   help="benchmark the engine in-process instead of a server")
+    add_engine_args(p)
     target = p.add_argument_group("target")
     target.add_argument("--socket", metavar="PATH", help="the server's Unix socket")
     target.add_argument("--url", help="the server's base URL instead, e.g. http://127.0.0.1:8000")
@@ -217,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     from edgert.bench_serve import add_bench_args
 
     add_bench_args(p)
+    from edgert.evaluate import register_eval
+
+    register_eval(sub)
     for ep in entry_points(group="edgert.commands"):
         try:
             ep.load()(sub)

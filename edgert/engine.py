@@ -162,6 +162,12 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         outputs = self._expire()
         plan = self.scheduler.schedule()
+        if plan.prefill is not None:
+            now = time.monotonic()
+            for seq in plan.prefill.seqs:
+                metrics = self._requests[seq.request_id].metrics
+                if metrics.first_scheduled_time is None:
+                    metrics.first_scheduled_time = now
         if plan.cow_copies:
             self.pool.copy_blocks(plan.cow_copies)
         self.stats.preemptions = self.scheduler.num_preemptions

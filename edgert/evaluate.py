@@ -26,7 +26,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,16 +67,21 @@ def _topics() -> list[tuple[str, str]]:
     return [(k, topics[k]) for k in sorted(topics)]
 
 
+def _calibration_topics() -> list[str]:
+    return [t for i, (_, t) in enumerate(_topics()) if i % HELDOUT_EVERY != HELDOUT_SLOT]
+
+
 def heldout_text() -> str:
-    """The evaluation text: never used for calibration."""
+    """The evaluation text: never used for calibration. A topic whose text also appears inside
+    a calibration topic (pydoc repeats some, e.g. 'else' within 'if') is left out."""
+    calib = _calibration_topics()
     return "\n\n".join(t for i, (_, t) in enumerate(_topics())
-                       if i % HELDOUT_EVERY == HELDOUT_SLOT)
+                       if i % HELDOUT_EVERY == HELDOUT_SLOT and not any(t in c for c in calib))
 
 
 def calibration_text() -> str:
     """The built-in calibration text: every topic `heldout_text` does not use."""
-    return "\n\n".join(t for i, (_, t) in enumerate(_topics())
-                       if i % HELDOUT_EVERY != HELDOUT_SLOT)
+    return "\n\n".join(_calibration_topics())
 
 
 @dataclass(frozen=True)
@@ -132,18 +137,21 @@ class GraphScorer:
         self._pools = {name: pool for pair in io["pools"] for name in pair}
 
     @staticmethod
-    def _session(model: str | bytes, threads: int) -> Any:
+    def _session(model: str | bytes, threads: int, config: dict[str, str] | None = None) -> Any:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for key, value in (config or {}).items():  # the bundle's own ORT settings
+            opts.add_session_config_entry(key, str(value))
         return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, threads: int = 0) -> GraphScorer:
-        return cls(cls._session(str(bundle.model_path), threads), bundle.graph, bundle.config,
-                   bundle.kv["dtype"])
+        return cls(cls._session(str(bundle.model_path), threads,
+                                bundle.graph.get("ort_session_config")),
+                   bundle.graph, bundle.config, bundle.kv["dtype"])
 
     @classmethod
     def from_model(cls, model: str | bytes, io: dict[str, Any], config: ModelConfig,
@@ -386,10 +394,6 @@ def format_summary(res: EvalResult, label: str = "bundle", gate: float | None = 
         if speeds:
             lines.append("  decode " + ", ".join(speeds))
     return "\n".join(lines)
-
-
-def windows_iter(tokens: np.ndarray, cfg: EvalConfig) -> Iterator[tuple[int, int, int]]:
-    yield from plan_windows(len(tokens), cfg)
 
 
 # ---- CLI ----------------------------------------------------------------------------------------

@@ -36,6 +36,9 @@ class ServerMetrics:
         self.http_requests = Counter(
             "edgert_http_requests", "HTTP requests answered, by route and status",
             ["route", "method", "status"], registry=r)
+        self.malformed = Counter(
+            "edgert_http_malformed", "Requests aiohttp's HTTP parser rejected with 400",
+            registry=r)
         self.requests = Counter(
             "edgert_requests", "Generation requests finished in the engine, by finish reason "
             "(one per prompt; n choices count once)", ["finish_reason"], registry=r)
@@ -57,25 +60,17 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS, registry=r)
         self.queue = Histogram(
             "edgert_request_queue_time_seconds", "Arrival until the engine first ran the "
-            "request; observed after the step that ran it, so an upper bound at step "
-            "granularity", buckets=_LATENCY_BUCKETS, registry=r)
+            "request", buckets=_LATENCY_BUCKETS, registry=r)
         r.register(_EngineCollector(engine))
-        self._started: set[str] = set()  # request ids seen running; engine thread only
 
     def on_step(self, outputs: list[RequestOutput], engine: AsyncEngine) -> None:
         """Called on the engine thread after each step that produced outputs."""
-        now = time.monotonic()
-        for seq in engine.engine.scheduler.running:
-            if seq.request_id not in self._started:
-                self._started.add(seq.request_id)
-                self.queue.observe(max(0.0, now - seq.arrival))
         for out in outputs:
             m = out.metrics
             if m is None:
                 continue
-            if out.request_id not in self._started and m.ttft is not None:
-                self.queue.observe(m.ttft)  # started and finished within one step
-            self._started.discard(out.request_id)
+            if m.queue_time is not None:
+                self.queue.observe(m.queue_time)
             self.requests.labels(out.finish_reason or "unknown").inc()
             self.prompt_tokens.inc(m.prompt_tokens)
             self.cached_prompt_tokens.inc(m.cached_prompt_tokens)

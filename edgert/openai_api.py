@@ -122,16 +122,22 @@ class ForeignFieldLog:
 
 # ---- typed getters ---------------------------------------------------------------------------
 
-def _int(body: dict[str, Any], name: str, default: int | None, lo: int = -_INT64,
-         hi: int = _INT64 - 1) -> int | None:
+def _opt_int(body: dict[str, Any], name: str, lo: int = -_INT64,
+             hi: int = _INT64 - 1) -> int | None:
     v = body.get(name)
     if v is None:
-        return default
+        return None
     if isinstance(v, bool) or not isinstance(v, int):
         raise invalid(name, f"must be an integer, got {_kind(v)}")
     if not lo <= v <= hi:
         raise invalid(name, f"must be in [{lo}, {hi}]")
     return v
+
+
+def _int(body: dict[str, Any], name: str, default: int, lo: int = -_INT64,
+         hi: int = _INT64 - 1) -> int:
+    v = _opt_int(body, name, lo, hi)
+    return default if v is None else v
 
 
 def _float(body: dict[str, Any], name: str, default: float) -> float:
@@ -245,20 +251,20 @@ def _check_model(body: dict[str, Any], ctx: ParseContext) -> str:
 
 def _sampling(body: dict[str, Any], max_tokens: int, logprobs: int | None,
               prompt_logprobs: int | None, field_names: dict[str, str]) -> SamplingParams:
-    seed = _int(body, "seed", None)
+    seed = _opt_int(body, "seed")
     try:
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=_float(body, "temperature", 1.0),
             top_p=_float(body, "top_p", 1.0),
-            top_k=_int(body, "top_k", 0, -1, _INT64 - 1) or 0,
+            top_k=_int(body, "top_k", 0, -1),
             min_p=_float(body, "min_p", 0.0),
             repetition_penalty=_float(body, "repetition_penalty", 1.0),
             presence_penalty=_float(body, "presence_penalty", 0.0),
             frequency_penalty=_float(body, "frequency_penalty", 0.0),
             # OpenAI seeds are any int64; the sampler keys on [0, 2**63).
             seed=None if seed is None else seed % _INT64,
-            n=_int(body, "n", 1) or 1,
+            n=_int(body, "n", 1),
             stop=_stop(body),
             stop_token_ids=_stop_token_ids(body),
             ignore_eos=_bool(body, "ignore_eos", False),
@@ -266,7 +272,7 @@ def _sampling(body: dict[str, Any], max_tokens: int, logprobs: int | None,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=_bool(body, "skip_special_tokens", True),
             include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
-            priority=_int(body, "priority", 0) or 0,
+            priority=_int(body, "priority", 0),
         )
     except ParamError as e:
         name = field_names.get(e.field, e.field)
@@ -286,11 +292,12 @@ def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
     return stream, _bool(opts, "include_usage", False)
 
 
-def _max_tokens(body: dict[str, Any], names: Sequence[str], default: int | None,
-                lo: int) -> tuple[str, int | None]:
+def _max_tokens(body: dict[str, Any], names: Sequence[str], default: int,
+                lo: int) -> tuple[str, int]:
     for name in names:
-        if body.get(name) is not None:
-            return name, _int(body, name, None, lo)
+        v = _opt_int(body, name, lo)
+        if v is not None:
+            return name, v
     return names[-1], default
 
 
@@ -299,14 +306,13 @@ def parse_completion(body: dict[str, Any], ctx: ParseContext) -> GenerationReque
     model = _check_model(body, ctx)
     stream, include_usage = _stream_flags(body)
     echo = _bool(body, "echo", False)
-    logprobs = _int(body, "logprobs", None, 0, 20)
+    logprobs = _opt_int(body, "logprobs", 0, 20)
     n = _int(body, "n", 1)
-    best_of = _int(body, "best_of", None)
+    best_of = _opt_int(body, "best_of")
     if best_of is not None and best_of != n:
         raise ApiError(400, "best_of: only best_of == n is supported", "best_of",
                        "unsupported_parameter")
     _, max_tokens = _max_tokens(body, ["max_tokens"], 16, 0)
-    assert max_tokens is not None
     if max_tokens == 0 and not echo:
         raise invalid("max_tokens", "must be >= 1 (0 is only allowed with echo)")
     texts, prompts = _completion_prompts(body.get("prompt"), ctx.tokenizer,
@@ -339,7 +345,7 @@ def _completion_prompts(prompt: Any, tok: Tokenizer,
     for item in items:
         if isinstance(item, str):
             texts.append(item)
-            ids.append(tok.encode(item, add_special_tokens=add_special_tokens))
+            ids.append(_encode(tok, item, add_special_tokens, "prompt"))
         elif isinstance(item, list) and all(_is_token(t) for t in item):
             ids.append(list(item))
             texts.append("")  # decoded lazily, for echo only
@@ -347,6 +353,13 @@ def _completion_prompts(prompt: Any, tok: Tokenizer,
             raise invalid("prompt", "must be a string, an array of strings or an array of "
                                     "token-id arrays")
     return texts, ids
+
+
+def _encode(tok: Tokenizer, text: str, add_special_tokens: bool, param: str) -> list[int]:
+    try:
+        return tok.encode(text, add_special_tokens=add_special_tokens)
+    except Exception:  # tokenizers refuses str it cannot encode (lone surrogates)
+        raise invalid(param, "is not valid Unicode text") from None
 
 
 def _is_token(t: Any) -> bool:
@@ -360,26 +373,25 @@ def parse_chat(body: dict[str, Any], ctx: ParseContext) -> GenerationRequest:
     model = _check_model(body, ctx)
     stream, include_usage = _stream_flags(body)
     want_logprobs = _bool(body, "logprobs", False)
-    top = _int(body, "top_logprobs", None, 0, 20)
+    top = _opt_int(body, "top_logprobs", 0, 20)
     if top is not None and not want_logprobs:
         raise invalid("top_logprobs", "requires logprobs: true")
     messages = parse_messages(body.get("messages"))
+    add_generation_prompt = _bool(body, "add_generation_prompt", True)
     try:
-        text = ctx.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=_bool(body, "add_generation_prompt", True))
+        text = ctx.tokenizer.apply_chat_template(messages, add_generation_prompt)
     except ChatTemplateError as e:
         raise ApiError(422, f"messages: {e}", "messages", "chat_template_error") from None
     except Exception as e:  # a template is code from the bundle; any failure is the input's
         raise ApiError(422, f"messages: chat template failed: {e}", "messages",
                        "chat_template_error") from None
-    ids = ctx.tokenizer.encode(text, add_special_tokens=False)
-    n = _int(body, "n", 1) or 1
+    ids = _encode(ctx.tokenizer, text, False, "messages")
+    n = _int(body, "n", 1)
     # No max_tokens: as much as the model length and the pool allow (vLLM's rule), at least 1
     # so that a prompt that is already too long gets the engine's "prompt too long" error.
     room = min(ctx.max_model_len, ctx.max_total_tokens(max(1, min(n, 16)))) - len(ids)
     name, max_tokens = _max_tokens(body, ["max_completion_tokens", "max_tokens"],
                                    max(1, room), 1)
-    assert max_tokens is not None
     logprobs = (top or 0) if want_logprobs else None
     params = _sampling(body, max_tokens, logprobs, None,
                        {"max_tokens": name, "logprobs": "top_logprobs"})
@@ -406,10 +418,10 @@ def parse_messages(messages: Any) -> list[dict[str, Any]]:
                                 "calling)", f"{where}.role", "unsupported_parameter")
         if not isinstance(role, str) or role not in _ROLES:
             raise invalid(f"{where}.role", "must be one of system, developer, user, assistant")
-        for name in ("tool_calls", "function_call", "audio", "refusal"):
-            if not _empty(m.get(name)):
-                raise ApiError(400, f"{where}.{name}: not supported by this server",
-                               f"{where}.{name}", "unsupported_parameter")
+        for key in ("tool_calls", "function_call", "audio", "refusal"):
+            if not _empty(m.get(key)):
+                raise ApiError(400, f"{where}.{key}: not supported by this server",
+                               f"{where}.{key}", "unsupported_parameter")
         msg: dict[str, Any] = {"role": _ROLES[role], "content": _content(m.get("content"),
                                                                          where)}
         name = m.get("name")
@@ -449,18 +461,17 @@ def parse_tokenize(body: dict[str, Any], ctx: ParseContext) -> list[int]:
     "add_generation_prompt": bool}."""
     if "messages" in body:
         messages = parse_messages(body.get("messages"))
+        add_generation_prompt = _bool(body, "add_generation_prompt", True)
         try:
-            text = ctx.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=_bool(body, "add_generation_prompt", True))
-        except Exception as e:
+            text = ctx.tokenizer.apply_chat_template(messages, add_generation_prompt)
+        except Exception as e:  # a template is code from the bundle; any failure is the input's
             raise ApiError(422, f"messages: chat template failed: {e}", "messages",
                            "chat_template_error") from None
-        return ctx.tokenizer.encode(text, add_special_tokens=False)
+        return _encode(ctx.tokenizer, text, False, "messages")
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
         raise invalid("prompt", "must be a string (or send messages)")
-    return ctx.tokenizer.encode(prompt,
-                                add_special_tokens=_bool(body, "add_special_tokens", True))
+    return _encode(ctx.tokenizer, prompt, _bool(body, "add_special_tokens", True), "prompt")
 
 
 # ---- responses -------------------------------------------------------------------------------
@@ -584,7 +595,10 @@ class ResponseBuilder:
     # ---- logprob formats ---------------------------------------------------------------
     def _completion_logprobs(self, lps: list[TokenLogprob | None],
                              ch: _Choice) -> dict[str, Any]:
-        tokens, token_lps, tops, offsets = [], [], [], []
+        tokens: list[str] = []
+        token_lps: list[float | None] = []
+        tops: list[dict[str, float] | None] = []
+        offsets: list[int] = []
         for lp in lps:
             if lp is None:
                 continue

@@ -15,11 +15,18 @@ class TokenLogprob:
 @dataclass
 class RequestMetrics:
     arrival_time: float
+    first_scheduled_time: float | None = None  # when its first prefill chunk ran
     first_token_time: float | None = None
     finished_time: float | None = None
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0  # served from the prefix cache
     completion_tokens: int = 0
+
+    @property
+    def queue_time(self) -> float | None:
+        if self.first_scheduled_time is None:
+            return None
+        return self.first_scheduled_time - self.arrival_time
 
     @property
     def ttft(self) -> float | None:

@@ -28,11 +28,12 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from edgert.async_engine import AsyncEngine, EngineDead
 from edgert.engine import EngineConfig, LLMEngine
@@ -103,6 +104,8 @@ class Service:
         self._runner: web.AppRunner | None = None
         self._created_socket: tuple[str, int, int] | None = None  # path, st_dev, st_ino
         self._watchdog: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[Any]] = set()  # requests being answered
+        self._force = asyncio.Event()
         self.app = self._build_app()
 
     # ---- the app -------------------------------------------------------------------------
@@ -128,6 +131,10 @@ class Service:
         route = resource.canonical if resource is not None else "unmatched"
         method = request.method if request.method in _METHODS else "other"
         status = 499  # the client went away before an answer
+        task = asyncio.current_task()  # aiohttp runs each request in a task of its own
+        if task is not None:
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
         try:
             self._check_peer(request)
             resp = await handler(request)
@@ -214,8 +221,8 @@ class Service:
                 # Wait for the first output before answering, so that a request the engine
                 # refuses late (queue full) still gets a proper status code.
                 first = await anext(outputs)
-            except StopAsyncIteration:
-                raise ApiError(500, "the engine produced no output", None, "internal") from None
+            except StopAsyncIteration:  # only if the engine stopped under the request
+                raise ApiError(503, "the engine stopped", None, "engine_dead") from None
             except (RequestRejected, EngineDead) as e:
                 raise _engine_error(e) from None
             if not req.stream:
@@ -243,18 +250,23 @@ class Service:
             return resp
 
     async def _outputs(self, aengine: AsyncEngine,
-                       req: GenerationRequest) -> AsyncIterator[tuple[int, RequestOutput]]:
+                       req: GenerationRequest) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         """(prompt index, output) for every prompt of the request, merged as they come."""
+        # aclosing: a stream left early aborts its engine request now, not when collected.
         if len(req.prompts) == 1:
-            async for out in aengine.generate(req.prompts[0], req.params, req.request_id):
-                yield 0, out
+            async with contextlib.aclosing(_generator(
+                    aengine.generate(req.prompts[0], req.params, req.request_id))) as gen:
+                async for out in gen:
+                    yield 0, out
             return
         queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException] = asyncio.Queue()
 
         async def pump(i: int, ids: list[int]) -> None:
             try:
-                async for out in aengine.generate(ids, req.params, f"{req.request_id}-{i}"):
-                    queue.put_nowait((i, out))
+                async with contextlib.aclosing(_generator(
+                        aengine.generate(ids, req.params, f"{req.request_id}-{i}"))) as gen:
+                    async for out in gen:
+                        queue.put_nowait((i, out))
             except Exception as e:
                 queue.put_nowait(e)
 
@@ -325,7 +337,7 @@ class Service:
         sites' names. Generation answers 503 until `attach`/`load`."""
         sockets = self._sockets()
         self._runner = web.AppRunner(self.app, handle_signals=False, handler_cancellation=True,
-                                     shutdown_timeout=self.options.grace,
+                                     shutdown_timeout=2.0,
                                      access_log=log if self.options.access_log else None)
         await self._runner.setup()
         names = []
@@ -338,7 +350,14 @@ class Service:
     def attach(self, engine: LLMEngine) -> None:
         """Serve a loaded (and warmed) engine."""
         aengine = AsyncEngine(engine)
-        aengine.on_step = lambda outs: self.metrics.on_step(outs, aengine)
+
+        def on_step(outputs: list[RequestOutput]) -> None:
+            try:  # runs on the engine thread: a metrics bug must not kill the engine loop
+                self.metrics.on_step(outputs, aengine)
+            except Exception:
+                log.exception("metrics update failed")
+
+        aengine.on_step = on_step
         aengine.start()
         self.model_name = self.options.served_model_name or engine.bundle.name
         block_size, total_blocks = engine.block_size, engine.pool_usage().total
@@ -394,8 +413,10 @@ class Service:
         self.draining = True
         self.notifier.notify("STOPPING=1", "STATUS=draining")
         if self._runner is not None:
-            log.info("draining: up to %.0f s for in-flight requests", self.options.grace)
-            await self._runner.cleanup()
+            for site in list(self._runner.sites):
+                await site.stop()  # closes the listening socket: new connections are refused
+            await self._finish_inflight()
+            await self._runner.cleanup()  # closes the idle keep-alive connections
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self.aengine is not None:
@@ -403,12 +424,40 @@ class Service:
         self._remove_socket()
         self.notifier.close()
 
+    async def _finish_inflight(self) -> None:
+        """Requests in flight get the grace period (cut short by `force_stop`); what is left
+        then is cancelled, which aborts its engine requests. aiohttp's own shutdown timeout
+        applies twice (to wait, then again after cancelling), so the grace is enforced here."""
+        loop = asyncio.get_running_loop()
+        pending = {t for t in self._inflight if t is not asyncio.current_task()}
+        if pending:
+            log.info("draining: %d request(s) in flight, up to %.0f s", len(pending),
+                     self.options.grace)
+        deadline = loop.time() + self.options.grace
+        while pending and not self._force.is_set() and loop.time() < deadline:
+            force = asyncio.ensure_future(self._force.wait())
+            done, _ = await asyncio.wait([*pending, force], timeout=deadline - loop.time(),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            force.cancel()
+            pending -= done
+        if pending:
+            log.warning("cancelling %d request(s) still in flight", len(pending))
+            for t in pending:
+                t.cancel()
+            await asyncio.wait(pending, timeout=5.0)
+
+    def force_stop(self) -> None:
+        """Stop waiting for in-flight requests (a second SIGTERM/SIGINT)."""
+        self._force.set()
+
     # ---- sockets -------------------------------------------------------------------------
     def _sockets(self) -> list[socket.socket]:
         opts = self.options
         socks = listen_fds()
         if socks:
-            log.info("socket activation: %d socket(s) from systemd", len(socks))
+            log.info("socket activation: %d socket(s) from systemd%s", len(socks),
+                     "; --socket/--listen are not used" if opts.socket_path or opts.listen
+                     else "")
         try:
             if not socks:
                 if opts.socket_path:
@@ -580,6 +629,13 @@ def _engine_error(e: Exception) -> ApiError:
     return ApiError(503, str(e), None, "engine_dead")
 
 
+def _generator(it: AsyncIterator[_T]) -> AsyncGenerator[_T, None]:
+    """AsyncEngine.generate is an async generator typed as an iterator; aclosing needs the
+    former."""
+    assert isinstance(it, AsyncGenerator)
+    return it
+
+
 def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() \
         + b"\n\n"
@@ -600,28 +656,65 @@ async def _serve(bundle: str, config: EngineConfig, options: ServeOptions,
                  service: Service) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            log.warning("second signal: not waiting for in-flight requests any longer")
+            service.force_stop()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     await service.open()
+    code = 0
     try:
         load = asyncio.create_task(service.load(bundle, config))
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if load.done():
-            load.result()  # a load error ends here, after the cleanup below
-            await stopped
-        else:
+        if not load.done():
             log.info("stopping while the model loads")
             load.cancel()
-        log.info("signal received: shutting down")
+        else:
+            load.result()  # a load error ends here, after the cleanup below
+            # A dead engine loop cannot come back: exit non-zero so that Restart=on-failure
+            # (or any supervisor) starts a fresh process, watchdog or not.
+            while not stop.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(stopped), 1.0)
+                if service.aengine is not None and not service.aengine.alive \
+                        and not stop.is_set():
+                    log.error("the engine loop died (%r): exiting 1",
+                              service.aengine.error)
+                    code = 1
+                    break
+            else:
+                log.info("signal received: shutting down")
     finally:
         await service.drain()
-    return 0
+    return code
+
+
+class _MalformedHttpFilter(logging.Filter):
+    """aiohttp answers a request its parser rejects with 400 and logs it at ERROR with a
+    traceback: from a broken or hostile client that is noise, and a way to flood the journal.
+    Such records are dropped here and counted in edgert_http_malformed_total instead."""
+
+    def __init__(self, metrics: ServerMetrics):
+        super().__init__()
+        self._metrics = metrics
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            self._metrics.malformed.inc()
+            return False
+        return True
 
 
 def serve(bundle: str, config: EngineConfig, options: ServeOptions) -> int:
     """Run the server until SIGTERM/SIGINT; 0 after a clean drain."""
     service = Service(options)
+    logging.getLogger("aiohttp.server").addFilter(_MalformedHttpFilter(service.metrics))
     try:
         code = asyncio.run(_serve(bundle, config, options, service))
     except ServeError as e:

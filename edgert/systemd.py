@@ -110,12 +110,13 @@ def extend_timeout_while(notifier: Notifier, loop: asyncio.AbstractEventLoop,
     usec = int(every * 3 * 1e6)
     states = [f"EXTEND_TIMEOUT_USEC={usec}"] + (["WATCHDOG=1"] if watchdog else [])
 
+    handle: asyncio.TimerHandle | None = None
+
     def ping() -> None:
         nonlocal handle
         notifier.notify(*states)
         handle = loop.call_later(every, ping)
 
-    handle: asyncio.TimerHandle | None = None
     if notifier.enabled:
         ping()
     try:

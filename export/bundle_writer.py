@@ -17,12 +17,15 @@ from tqdm import tqdm
 
 from edgert import __version__
 from edgert.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from export.calibration import Calibration
 from export.checkpoint import Checkpoint
 from export.graph import IO, OPSET, build_decoder
+from export.quantize import QuantConfig, build_quantized
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 TOKENIZER_FILE = "tokenizer.json"
+CALIBRATION_FILE = "calibration.npz"
 
 
 def graph_io_manifest(num_layers: int) -> dict[str, Any]:
@@ -35,7 +38,11 @@ def graph_io_manifest(num_layers: int) -> dict[str, Any]:
 
 
 def write_bundle(ckpt: Checkpoint, out: Path, *, block_size: int = 16, progress: bool = True,
-                 name: str | None = None, overwrite: bool = False) -> Path:
+                 name: str | None = None, overwrite: bool = False,
+                 quant: QuantConfig | None = None, calibration: Calibration | None = None
+                 ) -> Path:
+    """`quant` None (or plain fp32) writes the float graph; otherwise export/quantize.py builds
+    it, calibrating first unless `calibration` is given (several exports can share one)."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
@@ -43,9 +50,21 @@ def write_bundle(ckpt: Checkpoint, out: Path, *, block_size: int = 16, progress:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        meta: dict[str, Any] = {"precision": "fp32", "flavour": "portable", "domains": [""],
+                                "quantization": None, "calibration": None, "ort": {}}
         with tqdm(total=cfg.num_layers, desc="build graph", unit="layer",
                   disable=not progress) as bar:
-            model = build_decoder(ckpt, progress=bar.update)
+            if quant is None or quant.is_plain_fp32:
+                model = build_decoder(ckpt, progress=bar.update)
+            else:
+                qg = build_quantized(ckpt, quant, calibration, progress=bar.update,
+                                     show_progress=progress)
+                model = qg.model
+                meta.update(precision=qg.precision, flavour=qg.flavour, domains=qg.domains,
+                            quantization=qg.quantization, ort=qg.ort_session_config)
+                if qg.calibration is not None:
+                    qg.calibration.to_npz(tmp / CALIBRATION_FILE)
+                    meta["calibration"] = qg.calibration.manifest()
         with tqdm(total=1, desc="write onnx", disable=not progress) as bar:
             onnx.save_model(model, tmp / MODEL_FILE, save_as_external_data=True,
                             all_tensors_to_one_file=True, location=DATA_FILE,
@@ -62,10 +81,12 @@ def write_bundle(ckpt: Checkpoint, out: Path, *, block_size: int = 16, progress:
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "edgert_version": __version__,
             "config": cfg.to_dict(),
-            "graph": {"file": MODEL_FILE, "opset": OPSET, "domains": [""],
-                      "flavour": "portable", **graph_io_manifest(cfg.num_layers)},
-            "precision": "fp32",
-            "quantization": None,
+            "graph": {"file": MODEL_FILE, "opset": OPSET, "domains": meta["domains"],
+                      "flavour": meta["flavour"], **graph_io_manifest(cfg.num_layers),
+                      **({"ort_session_config": meta["ort"]} if meta["ort"] else {})},
+            "precision": meta["precision"],
+            "quantization": meta["quantization"],
+            "calibration": meta["calibration"],
             "kv": {
                 "layout": ["num_blocks", "block_size", "kv_heads", "head_dim"],
                 "dtype": "float32",

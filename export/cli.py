@@ -36,8 +36,12 @@ def register_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=int, default=16,
                    help="default KV block size (tokens) recorded in the manifest (default 16)")
     p.add_argument("--name", default=None, help="model name served by the runtime")
-    p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing bundle, and keep one that fails the quality gate")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from export.quant_cli import add_quant_args
+
+    add_quant_args(p)
     p.set_defaults(func=_export)
 
 
@@ -46,12 +50,20 @@ def _export(args: argparse.Namespace) -> int:
     from edgert.info import describe
     from export.bundle_writer import write_bundle
     from export.pipeline import load_source
+    from export.quant_cli import export_with_gate, quant_config_from_args
 
     if args.block_size < 1 or args.block_size & (args.block_size - 1):
         raise ValueError("--block-size must be a power of two")
+    quant = quant_config_from_args(args)
+    if args.output.exists() and not args.force:
+        raise FileExistsError(f"{args.output} exists; pass --force to replace it")
     progress = not args.no_progress
     ckpt = load_source(args.src, progress=progress)
-    out = write_bundle(ckpt, args.output, block_size=args.block_size, progress=progress,
-                       name=args.name, overwrite=args.force)
-    print(describe(Bundle.load(out, verify=False)))
-    return 0
+    if quant.is_plain_fp32 or args.no_eval:
+        out = write_bundle(ckpt, args.output, block_size=args.block_size, progress=progress,
+                           name=args.name, overwrite=args.force, quant=quant)
+        print(describe(Bundle.load(out, verify=False)))
+        if not quant.is_plain_fp32:
+            print("quality gate NOT checked (--no-eval)")
+        return 0
+    return export_with_gate(ckpt, args, quant)

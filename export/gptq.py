@@ -84,11 +84,9 @@ def gptq(name: str, w: np.ndarray, h: np.ndarray, grid: Grid, *, damp: float = 0
                 if zero is not None and z_cur is not None:
                     zero[:, j] = z_cur
             wc = w1[:, i]
-            q = quantize_to(wc[:, None], s_cur[:, None], None if z_cur is None else
-                            z_cur[:, None], grid)[:, 0]
+            q = quantize_to(wc[:, None], s_cur, z_cur, grid)[:, 0]
             codes[:, col] = q
-            deq = dequantize_codes(q[:, None], s_cur[:, None],
-                                   None if z_cur is None else z_cur[:, None], grid)[:, 0]
+            deq = dequantize_codes(q[:, None], s_cur, z_cur, grid)[:, 0]
             e = (wc - deq) / hinv1[i, i]
             w1[:, i:] -= np.outer(e, hinv1[i, i:])
             err1[:, i] = e

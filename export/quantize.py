@@ -1,0 +1,423 @@
+"""Quantized export: which grid each weight gets, how it is chosen, and the graph that runs it.
+
+`QuantConfig` is what the CLI asks for; `QuantizedGraphBuilder` overrides the float builder's
+three hooks (`linear` for every projection, `embedding`, `lm_head`), quantizes each weight as it
+is reached (round-to-nearest or GPTQ from one calibration pass) and emits the flavour's operators
+(quant_graph.py). Both flavours of a precision come from the same codes: only the operators
+differ. The manifest's `quantization` section records, per weight, exactly what was done (bits,
+block size actually used, symmetry, zero-point kind, scale dtype, activation handling, operator),
+so the runtime and a TensorRT builder read the scheme instead of guessing it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import onnx
+
+from export.calibration import LM_HEAD, CalibConfig, Calibration, calibrate
+from export.checkpoint import Checkpoint
+from export.gptq import gptq
+from export.graph import OPSET, DecoderGraphBuilder
+from export.quant_formats import Grid, QuantizedWeight, choose_block, rtn
+from export.quant_graph import QuantOps
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+FLAVOURS = ("portable", "cpu")
+METHODS = ("gptq", "rtn")
+TABLE_PRECISIONS = ("fp32", "fp16", "int8")  # embedding / tied LM head table
+HEAD_PRECISIONS = ("fp32", "fp16", "int8", "int4")
+MS_DOMAIN = "com.microsoft"
+EMBED = "model.embed_tokens.weight"
+# ONNX Runtime fuses Q/DQ around a MatMul into a u8s8 integer GEMM whose int16 pair sums
+# saturate on AVX2 CPUs without VNNI (outputs measurably wrong); running Q/DQ as written is exact.
+# Written to the manifest (graph.ort_session_config) for any ORT session of such a graph.
+PORTABLE_INT8_ORT_CONFIG = {"session.disable_quant_qdq": "1"}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    precision: str = "fp32"
+    flavour: str = "cpu"
+    group_size: int = 32  # int4 block along the input dimension (asked; see choose_block)
+    method: str | None = None  # None: gptq for int4, rtn for int8
+    symmetric: bool = True
+    zero_point: str = "float"  # asymmetric only: "float" (Q4_1's min) or "int" (uint8 codes)
+    scale_dtype: str = "float16"  # int4 block scales; int8 per-channel scales are float32
+    embedding: str | None = None  # None: int8 for int8/int4, else the precision
+    lm_head: str | None = None  # None: the embedding's (tied: one shared table)
+    smooth_alpha: float | None = None  # SmoothQuant strength; None: 0.5 portable int8, else off
+    clip_search: bool | None = None  # per-block range search; None: on for symmetric int4
+    accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations per block
+    # int8 layers whose name contains one of these keep float activations (W8A16)
+    weight_only: tuple[str, ...] = ()
+    # cpu int8 kernel. "blocks" (default): MatMulNBits(bits=8), weight scales per output
+    # channel AND block of `int8_block` inputs, activations quantized per row and block inside
+    # the kernel. "rows": per-channel weights, per-row activation scales, u8u8 MatMulInteger:
+    # faster at batch >= 16 and in prefill, but measurably less accurate on SmolLM2 (README).
+    int8_kernel: str = "blocks"
+    int8_block: int = 32
+    calib: CalibConfig = field(default_factory=CalibConfig)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}")
+        if self.flavour not in FLAVOURS:
+            raise ValueError(f"flavour must be one of {FLAVOURS}")
+        if self.method is not None and self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS} (awq is not implemented)")
+        if self.embedding is not None and self.embedding not in TABLE_PRECISIONS:
+            raise ValueError(f"embedding precision must be one of {TABLE_PRECISIONS}")
+        if self.lm_head is not None and self.lm_head not in HEAD_PRECISIONS:
+            raise ValueError(f"LM head precision must be one of {HEAD_PRECISIONS}")
+        if self.int8_kernel not in ("blocks", "rows"):
+            raise ValueError("int8 kernel must be 'blocks' or 'rows'")
+        if self.group_size not in (16, 32, 64, 128, 256):
+            raise ValueError("group size must be one of 16, 32, 64, 128, 256")
+        if not self.symmetric and self.flavour == "portable" and "int4" in (
+                self.precision, self.lm_head):
+            raise ValueError(
+                "the portable flavour is symmetric int4 (TensorRT's DequantizeLayer takes zero "
+                "point 0 only); use --flavour cpu for --asymmetric")
+
+    @property
+    def is_plain_fp32(self) -> bool:
+        """The float graph exactly as the unquantized exporter writes it."""
+        return self.precision == "fp32" and self.embedding_precision == "fp32" and (
+            self.lm_head_precision == "fp32")
+
+    @property
+    def resolved_method(self) -> str:
+        return self.method or "gptq"
+
+    @property
+    def embedding_precision(self) -> str:
+        if self.embedding:
+            return self.embedding
+        return "int8" if self.precision in ("int8", "int4") else self.precision
+
+    @property
+    def lm_head_precision(self) -> str:
+        return self.lm_head or self.embedding_precision
+
+    @property
+    def alpha(self) -> float | None:
+        """SmoothQuant strength for int8 activations (0 = off); measured on SmolLM2: 0.75
+        beats 0.5 for the dynamic cpu kernels."""
+        if self.smooth_alpha is not None:
+            return self.smooth_alpha or None
+        if self.precision != "int8":
+            return None
+        return 0.75 if self.flavour == "cpu" else 0.5
+
+    @property
+    def uses_clip_search(self) -> bool:
+        if self.clip_search is not None:
+            return self.clip_search
+        return self.precision == "int4" and self.symmetric
+
+    @property
+    def graph_flavour(self) -> str:
+        """fp32 / fp16 graphs use standard ops only, whatever was asked."""
+        return self.flavour if "int" in self.precision + self.lm_head_precision else "portable"
+
+    def needs_calibration(self) -> bool:
+        return self.precision in ("int8", "int4") and (
+            self.resolved_method == "gptq" or self.alpha is not None
+            or (self.flavour == "portable" and "int8" in (self.precision,
+                                                          self.lm_head_precision)))
+
+    def calib_config(self) -> CalibConfig:
+        return replace(self.calib, hessians=self.resolved_method == "gptq")
+
+
+class QuantizedGraphBuilder(DecoderGraphBuilder):
+    def __init__(self, ckpt: Checkpoint, qcfg: QuantConfig,
+                 calibration: Calibration | None = None,
+                 progress: Callable[[int], None] | None = None):
+        super().__init__(ckpt, progress)
+        self.q = qcfg
+        self.calibration = calibration
+        self.ops = QuantOps(self.b, qcfg.accuracy_level)
+        self.layers: dict[str, dict[str, Any]] = {}
+        self.quantized: dict[str, QuantizedWeight] = {}  # what the graph computes with
+        self._table: dict[str, Any] | None = None  # the int8 embedding table, if shared
+
+    # ---- helpers -------------------------------------------------------------------------
+    def _stats(self, name: str):
+        if self.calibration is None:
+            return None
+        return self.calibration.stats.get(name)
+
+    def _grid(self, bits: int) -> Grid:
+        q = self.q
+        if bits == 8:
+            return Grid(8, None, True, None, "float32")
+        return Grid(4, q.group_size, q.symmetric, None if q.symmetric else q.zero_point,
+                    q.scale_dtype)
+
+    def _quantize(self, name: str, w: np.ndarray, bits: int, method: str,
+                  smooth: np.ndarray | None = None, grid: Grid | None = None
+                  ) -> QuantizedWeight:
+        """w [out, in] -> codes on this layer's grid; `smooth` scales input columns first."""
+        k = w.shape[1]
+        if grid is None:
+            grid = self._grid(bits)
+        if bits == 4:
+            grid = replace(grid, block=choose_block(k, self.q.group_size, self.q.flavour))
+        if smooth is not None:
+            w = w * smooth[None, :]
+        stats = self._stats(name)
+        if method == "gptq":
+            if stats is None or stats.hessian is None:
+                raise ValueError(f"{name}: GPTQ needs calibration Hessians")
+            h = stats.hessian
+            if smooth is not None:  # inputs are x / s
+                h = h / np.outer(smooth, smooth)
+            qw = gptq(name, w, h, grid, clip=self.q.uses_clip_search)
+        else:
+            importance = None
+            if stats is not None and stats.hessian is not None:
+                importance = np.diag(stats.hessian).astype(np.float32)
+            qw = rtn(name, w, grid, search=bits == 4 and self.q.uses_clip_search,
+                     importance=importance)
+        self.quantized[name] = qw
+        return qw
+
+    def _smoothing(self, name: str, w: np.ndarray) -> np.ndarray | None:
+        """SmoothQuant: s_j = max|x_j|^a / max|W_:,j|^(1-a); x/s is flatter per tensor."""
+        alpha = self.q.alpha
+        stats = self._stats(name)
+        if alpha is None or stats is None:
+            return None
+        wmax = np.maximum(np.abs(w).max(axis=0), 1e-5)
+        amax = np.maximum(stats.absmax, 1e-5)
+        s = amax ** alpha / wmax ** (1 - alpha)
+        return np.clip(s, 1e-4, 1e4).astype(np.float32)
+
+    def _act_scale(self, name: str, smooth: np.ndarray | None) -> float:
+        stats = self._stats(name)
+        if stats is None:
+            raise ValueError(f"{name}: static activation scales need calibration")
+        amax = stats.absmax / (smooth if smooth is not None else 1.0)
+        return float(max(amax.max(), 1e-8) / 127.0)
+
+    def _emit(self, x: str, w: np.ndarray, name: str, precision: str, rank: int,
+              out: str | None = None, allow_smooth: bool = True) -> str:
+        """x @ w.T for w [out, in] at `precision`, recording the layer's scheme."""
+        q, ops, b = self.q, self.ops, self.b
+        if precision == "fp32":
+            self.layers[name] = {"precision": "fp32", "op": "MatMul"}
+            wc = b.const(np.ascontiguousarray(w.T, np.float32), name)
+            return b.op("MatMul", x, wc, name=out)
+        if precision == "fp16":
+            self.layers[name] = {"precision": "fp16", "op": "MatMul", "weight_dtype": "float16"}
+            return ops.fp16_matmul(x, np.ascontiguousarray(w.T), name, out)
+        method = q.resolved_method
+        if precision == "int8":
+            smooth = self._smoothing(name, w) if allow_smooth else None
+            inv = None if smooth is None else b.const((1.0 / smooth).astype(np.float32),
+                                                      name + ".smooth_inv")
+            if q.flavour == "cpu" and q.int8_kernel == "blocks":
+                self.opsets[MS_DOMAIN] = 1
+                grid = Grid(8, choose_block(w.shape[1], q.int8_block, "cpu"), True, None,
+                            q.scale_dtype)
+                qw = self._quantize(name, w, 8, method, smooth, grid)
+                xs = x if inv is None else b.op("Mul", x, inv)
+                y = ops.int8_blocked_matmul(xs, ops.int8_blocked_table(qw, name), out)
+                self.layers[name] = qw.manifest(
+                    precision="int8", op="MatMulNBits(bits=8)", weight_storage="uint8+128",
+                    activation={"bits": 8, "granularity": "per_row_per_block",
+                                "mode": "dynamic", "accuracy_level": 4,
+                                "smoothing": None if smooth is None else {"alpha": q.alpha}})
+                return y
+            qw = self._quantize(name, w, 8, method, smooth)
+            if any(p in name for p in q.weight_only):
+                wq, ws = ops.int8_weight_s8(qw, name)
+                act = None
+                y = ops.int8_weight_only(x, wq, ws, inv, out)
+                op = "DequantizeLinear+MatMul"
+            elif q.flavour == "cpu":
+                wq, ws = ops.int8_weight_u8(qw, name)
+                act = {"bits": 8, "granularity": "per_row", "mode": "dynamic",
+                       "symmetric": True, "dtype": "uint8", "zero_point": 128}
+                y = ops.int8_dynamic_rows(x, wq, ws, inv, out)
+                op = "MatMulInteger"
+            else:
+                wq, ws = ops.int8_weight_s8(qw, name)
+                scale = self._act_scale(name, smooth)
+                act = {"bits": 8, "granularity": "per_tensor", "mode": "static",
+                       "symmetric": True, "dtype": "int8", "scale": scale}
+                y = ops.int8_static(x, wq, ws, scale, inv, out)
+                op = "QDQ+MatMul"
+            if act is not None:
+                act["smoothing"] = None if smooth is None else {"alpha": q.alpha}
+            self.layers[name] = qw.manifest(
+                precision="int8", op=op, activation=act,
+                weight_storage="uint8+128" if op == "MatMulInteger" else "int8")
+            return y
+        qw = self._quantize(name, w, 4, method)
+        if q.flavour == "cpu":
+            self.opsets[MS_DOMAIN] = 1
+            y = ops.int4_matmulnbits(x, qw, name, rank, out)
+            op = "MatMulNBits" + ("+min_correction" if qw.grid.zero_point == "float" else "")
+            extra = {"accuracy_level": q.accuracy_level}
+        else:
+            y = ops.int4_dq(x, qw, name, out)
+            op, extra = "DequantizeLinear(blocked)+MatMul", {}
+        self.layers[name] = qw.manifest(precision="int4", op=op, activation=None, **extra)
+        return y
+
+    # ---- the hooks ------------------------------------------------------------------------
+    def linear(self, x: str, weight_t: np.ndarray, name: str) -> str:
+        return self._emit(x, np.ascontiguousarray(weight_t.T), name, self.q.precision, rank=3)
+
+    def _shared_table(self) -> bool:
+        q = self.q
+        return (self.cfg.tie_word_embeddings and q.embedding_precision == "int8"
+                and q.lm_head_precision == "int8")
+
+    def _int8_table(self) -> dict[str, Any]:
+        """The int8 embedding table; when tied, the LM head's weight too (stored once).
+
+        cpu: blocks of 32 along the hidden dimension with float16 scales, llama.cpp's Q8_0 grid
+        (GGUF embeddings usually ARE Q8_0, which this then reproduces exactly), laid out as
+        MatMulNBits' 8-bit B [vocab, blocks, 32]: the Gather reads the same bytes.
+        portable: one scale per vocabulary row (per output channel of the LM head), what
+        TensorRT's int8 GEMM takes (it has no int8 block scales), as [hidden, vocab]."""
+        if self._table is None:
+            e = self.ckpt.weight(EMBED)
+            if self.q.flavour == "cpu":
+                qw = rtn(EMBED, e, Grid(8, 32, True, None, "float16"))  # tail padded
+                self._table = {"qw": qw, "kind": "blocked",
+                               **self.ops.int8_blocked_table(qw, EMBED)}
+            else:
+                qw = rtn(EMBED, e, Grid(8, None, True, None, "float32"))
+                wq, ws = self.ops.int8_weight_s8(qw, EMBED)
+                self._table = {"qw": qw, "kind": "per_row", "weight": wq, "scale": ws}
+            self.quantized[EMBED] = qw
+        return self._table
+
+    def embedding(self, ids: str) -> str:
+        prec = self.q.embedding_precision
+        b = self.b
+        if prec == "fp32":
+            self.layers[EMBED] = {"precision": "fp32", "op": "Gather"}
+            return super().embedding(ids)
+        e = self.ckpt.weight(EMBED)
+        if prec == "fp16":
+            self.layers[EMBED] = {"precision": "fp16", "op": "Gather+Cast",
+                                  "weight_dtype": "float16"}
+            table = b.const(e.astype(np.float16), EMBED)
+            return b.op("Cast", b.op("Gather", table, ids, axis=0), to=onnx.TensorProto.FLOAT)
+        t = self._int8_table()
+        shared = self._shared_table()
+        if t["kind"] == "blocked":
+            self.layers[EMBED] = t["qw"].manifest(
+                precision="int8", op="Gather+Cast+Mul(block scales)", activation=None,
+                layout="[vocab, blocks, block]", shared_with_lm_head=shared,
+                weight_storage="uint8+128")
+            return self.ops.int8_blocked_gather(t, ids, self.cfg.hidden_size)
+        rows = b.op("Gather", t["weight"], ids, axis=1)  # [hidden, S, T]
+        rows = b.op("Cast", b.op("Transpose", rows, perm=[1, 2, 0]), to=onnx.TensorProto.FLOAT)
+        scale = b.op("Unsqueeze", b.op("Gather", t["scale"], ids, axis=0),
+                     self.ops._c("axes_last", np.array([-1], np.int64)))
+        self.layers[EMBED] = t["qw"].manifest(
+            precision="int8", op="Gather(axis=1)+Transpose+Cast+Mul", activation=None,
+            layout="[hidden, vocab]", shared_with_lm_head=shared, weight_storage="int8")
+        return b.op("Mul", rows, scale)
+
+    def lm_head(self, rows: str) -> str:
+        from export.graph import IO
+
+        prec = self.q.lm_head_precision
+        tied = self.cfg.tie_word_embeddings
+        if prec == "fp32" and self.q.embedding_precision == "fp32":
+            self.layers[LM_HEAD] = {"precision": "fp32", "op": "Gemm", "tied": tied}
+            return super().lm_head(rows)
+        if tied and prec == "fp16" and self.q.embedding_precision == "fp16":
+            self.layers[LM_HEAD] = {"precision": "fp16", "op": "Cast+Gemm", "tied": True,
+                                    "shares": EMBED, "weight_dtype": "float16"}
+            head = self.b.op("Cast", EMBED, to=onnx.TensorProto.FLOAT)
+            return self.b.op("Gemm", rows, head, transB=1, name=IO.logits)
+        if self._shared_table():
+            t = self._int8_table()
+            if t["kind"] == "blocked":
+                self.opsets[MS_DOMAIN] = 1
+                y = self.ops.int8_blocked_matmul(rows, t, out=IO.logits)
+                act = {"bits": 8, "granularity": "per_row_per_block", "mode": "dynamic",
+                       "accuracy_level": 4}
+                op = "MatMulNBits(bits=8)"
+            else:
+                scale = self._act_scale(LM_HEAD, None)
+                y = self.ops.int8_static(rows, t["weight"], t["scale"], scale, out=IO.logits)
+                act = {"bits": 8, "granularity": "per_tensor", "mode": "static",
+                       "symmetric": True, "dtype": "int8", "scale": scale}
+                op = "QDQ+MatMul"
+            self.layers[LM_HEAD] = t["qw"].manifest(precision="int8", op=op, activation=act,
+                                                    tied=True, shares=EMBED)
+            return y
+        w = self.ckpt.lm_head()
+        y = self._emit(rows, w, LM_HEAD, prec, rank=2, out=IO.logits, allow_smooth=False)
+        self.layers[LM_HEAD]["tied"] = tied
+        self.layers[LM_HEAD]["shares"] = None
+        return y
+
+    # ---- the manifest ---------------------------------------------------------------------
+    def manifest(self) -> dict[str, Any]:
+        q = self.q
+        return {
+            "method": q.resolved_method,
+            "flavour": q.graph_flavour,
+            "group_size": q.group_size if "int4" in (q.precision, q.lm_head_precision) else None,
+            "symmetric": q.symmetric,
+            "zero_point": None if q.symmetric else q.zero_point,
+            "scale_dtype": q.scale_dtype,
+            "embedding": q.embedding_precision,
+            "lm_head": q.lm_head_precision,
+            "smoothquant_alpha": q.alpha,
+            "clip_search": q.uses_clip_search,
+            "layers": self.layers,
+        }
+
+
+@dataclass
+class QuantizedGraph:
+    model: onnx.ModelProto
+    precision: str
+    flavour: str
+    domains: list[str]
+    quantization: dict[str, Any] | None
+    calibration: Calibration | None
+    weights: dict[str, QuantizedWeight] = field(default_factory=dict)
+    ort_session_config: dict[str, str] = field(default_factory=dict)
+
+
+def build_quantized(ckpt: Checkpoint, qcfg: QuantConfig, calibration: Calibration | None = None,
+                    progress: Callable[[int], None] | None = None,
+                    show_progress: bool = False) -> QuantizedGraph:
+    """Calibrate if the configuration needs it (unless a Calibration is passed in, e.g. shared
+    between several exports of one checkpoint), then build the graph."""
+    if qcfg.needs_calibration() and calibration is None:
+        from tqdm import tqdm
+
+        cc = qcfg.calib_config()
+        with tqdm(total=cc.samples, desc="calibrate", unit="sample",
+                  disable=not show_progress) as bar:
+            calibration = calibrate(ckpt, cc, progress=bar.update)
+    if calibration is not None and qcfg.resolved_method == "gptq" and any(
+            s.hessian is None for s in calibration.stats.values()):
+        raise ValueError("GPTQ needs a calibration with Hessians")
+    builder = QuantizedGraphBuilder(ckpt, qcfg, calibration if qcfg.needs_calibration()
+                                    else None, progress)
+    model = builder.build()
+    domains = sorted(builder.opsets)
+    assert builder.opsets[""] == OPSET
+    qdq = any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    return QuantizedGraph(model, qcfg.precision, qcfg.graph_flavour, domains,
+                          builder.manifest() if qcfg.precision != "fp32" else None,
+                          calibration if qcfg.needs_calibration() else None, builder.quantized,
+                          dict(PORTABLE_INT8_ORT_CONFIG) if qdq else {})
