@@ -63,6 +63,10 @@ class OrtBackend:
         spin = "1" if config.allow_spinning else "0"
         opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
         opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        # Session settings the exporter found a bundle needs, e.g. portable int8 bundles turn
+        # off ORT's Q/DQ -> integer-kernel fusion, whose int16 sums overflow on AVX2 CPUs.
+        for key, value in (bundle.graph.get("ort_session_config") or {}).items():
+            opts.add_session_config_entry(key, str(value))
         providers = [PROVIDERS[config.provider]]
         if config.provider != "cpu":
             providers.append(PROVIDERS["cpu"])

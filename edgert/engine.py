@@ -13,7 +13,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -392,7 +392,7 @@ class LLM:
 
     def __init__(self, bundle: str | Bundle, config: EngineConfig | None = None, **overrides):
         if overrides:
-            config = EngineConfig(**{**(config or EngineConfig()).__dict__, **overrides})
+            config = replace(config or EngineConfig(), **overrides)
         self.engine = LLMEngine(bundle, config)
         self.tokenizer = self.engine.tokenizer
 

@@ -4,6 +4,7 @@ git-ignored cache (./.cache/edgert, or $EDGERT_CACHE)."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,8 @@ def smollm2_bundle(cache_dir: Path, smollm2_gguf: Path):
         return Bundle.load(out)
     except BundleError:
         pass
+    for stale in out.parent.glob("smollm2-135m-fp32-*"):  # older exporter versions: 0.5 GB each
+        shutil.rmtree(stale, ignore_errors=True)
     write_bundle(load_source(smollm2_gguf, progress=False), out, progress=False,
                  name="smollm2-135m", overwrite=True)
     return Bundle.load(out)
