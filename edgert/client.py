@@ -151,10 +151,8 @@ def _target(target: str) -> tuple[str, str | None]:
     return "http://localhost", target
 
 
-class Stream:
-    """Iterator of text deltas; after it ends, `finish_reason` and `usage` are filled in."""
-
-    def __init__(self, client: httpx.Client, path: str, body: dict[str, Any]):
+class _StreamBase:
+    def __init__(self, client: Any, path: str, body: dict[str, Any]):
         self._client, self._path, self._body = client, path, body
         self._state = _StreamState()
 
@@ -165,6 +163,12 @@ class Stream:
     @property
     def usage(self) -> dict[str, Any] | None:
         return self._state.usage
+
+
+class Stream(_StreamBase):
+    """Iterator of text deltas; after it ends, `finish_reason` and `usage` are filled in."""
+
+    _client: httpx.Client
 
     def __iter__(self) -> Iterator[str]:
         try:
@@ -179,20 +183,10 @@ class Stream:
             raise Unavailable(f"cannot reach the server: {e}") from e
 
 
-class AsyncStream:
+class AsyncStream(_StreamBase):
     """Async iterator of text deltas; `finish_reason` and `usage` are filled in at the end."""
 
-    def __init__(self, client: httpx.AsyncClient, path: str, body: dict[str, Any]):
-        self._client, self._path, self._body = client, path, body
-        self._state = _StreamState()
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self._state.finish_reason
-
-    @property
-    def usage(self) -> dict[str, Any] | None:
-        return self._state.usage
+    _client: httpx.AsyncClient
 
     async def __aiter__(self) -> AsyncIterator[str]:
         try:
