@@ -237,18 +237,23 @@ def build_parser() -> argparse.ArgumentParser:
     for ep in entry_points(group="edgert.commands"):
         try:
             ep.load()(sub)
-        except ImportError as e:  # export extra not installed on this machine
-            sub.add_parser(ep.name, help=f"(unavailable: {e.name} is not installed; "
-                                         "pip install 'edgert[export]')")
+        except ImportError as e:  # export extra not installed on this machine (a board)
+            help_text = (f"(unavailable: {e.name} is not installed; "
+                         "pip install 'edgert[export]')")
+            p = sub.choices.get(ep.name) or sub.add_parser(ep.name, help=help_text,
+                                                           add_help=False)
+            p.set_defaults(func=None)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if not hasattr(args, "func"):
+    args, extra = build_parser().parse_known_args(argv)
+    if getattr(args, "func", None) is None:
         print(f"edgert {args.command}: unavailable here; install the export extra: "
               "pip install 'edgert[export]'", file=sys.stderr)
         return 2
+    if extra:
+        build_parser().parse_args(argv)  # reports the unknown arguments and exits 2
     try:
         return int(args.func(args) or 0)
     except (BundleError, ValueError, FileNotFoundError, FileExistsError, KeyError) as e:

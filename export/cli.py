@@ -26,6 +26,10 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def register_export(sub: argparse._SubParsersAction) -> None:
+    # Imported before the parser is added: without the export extra this raises ImportError
+    # and the CLI lists `export` as unavailable instead of half-registering it.
+    from export.quant_cli import add_quant_args
+
     p = sub.add_parser(
         "export", help="export a HF checkpoint or GGUF file to an edgert bundle",
         description="Convert SRC (a Hugging Face checkpoint directory, a .gguf file, or a model "
@@ -39,8 +43,6 @@ def register_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true",
                    help="replace an existing bundle, and keep one that fails the quality gate")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    from export.quant_cli import add_quant_args
-
     add_quant_args(p)
     p.set_defaults(func=_export)
 
