@@ -62,10 +62,6 @@ class StepPlan:
     cow_copies: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
 
-    @property
-    def empty(self) -> bool:
-        return self.decode is None and self.prefill is None
-
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, allocator: BlockAllocator):
@@ -117,9 +113,6 @@ class Scheduler:
                 heapq.heapify(self._waiting)
         if self.allocator.has(seq.seq_id):
             self.allocator.free(seq.seq_id)
-
-    def waiting(self) -> list[Sequence]:
-        return [e[3] for e in self._waiting]
 
     # ---- one step ------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
