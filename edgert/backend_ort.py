@@ -42,6 +42,27 @@ def available_providers() -> list[str]:
     return [k for k, v in PROVIDERS.items() if v in ort.get_available_providers()]
 
 
+def session_options(config: BackendConfig, bundle: Bundle) -> ort.SessionOptions:
+    """ORT settings for running a bundle: threads, spinning, optimisation level, plus the
+    settings the exporter found the bundle needs (e.g. portable int8 bundles turn off ORT's
+    Q/DQ -> integer-kernel fusion, whose int16 sums overflow on AVX2 CPUs)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = config.threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[config.optimization]
+    spin = "1" if config.allow_spinning else "0"
+    opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    for key, value in (bundle.graph.get("ort_session_config") or {}).items():
+        opts.add_session_config_entry(key, str(value))
+    return opts
+
+
 class OrtBackend:
     def __init__(self, bundle: Bundle, pool: KVPool, config: BackendConfig | None = None):
         self.config = config = config or BackendConfig()
@@ -51,22 +72,7 @@ class OrtBackend:
             raise ValueError(
                 f"provider {config.provider!r} is not offered by the installed onnxruntime "
                 f"(it has: {', '.join(available_providers())}); install onnxruntime-gpu")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = config.threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = {
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[config.optimization]
-        spin = "1" if config.allow_spinning else "0"
-        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
-        opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
-        # Session settings the exporter found a bundle needs, e.g. portable int8 bundles turn
-        # off ORT's Q/DQ -> integer-kernel fusion, whose int16 sums overflow on AVX2 CPUs.
-        for key, value in (bundle.graph.get("ort_session_config") or {}).items():
-            opts.add_session_config_entry(key, str(value))
+        opts = session_options(config, bundle)
         providers = [PROVIDERS[config.provider]]
         if config.provider != "cpu":
             providers.append(PROVIDERS["cpu"])

@@ -136,28 +136,28 @@ class GraphScorer:
         pool = np.zeros((1, 16, config.num_kv_heads, config.head_dim), np.dtype(kv_dtype))
         self._pools = {name: pool for pair in io["pools"] for name in pair}
 
-    @staticmethod
-    def _session(model: str | bytes, threads: int, config: dict[str, str] | None = None) -> Any:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        for key, value in (config or {}).items():  # the bundle's own ORT settings
-            opts.add_session_config_entry(key, str(value))
-        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-
     @classmethod
     def from_bundle(cls, bundle: Bundle, threads: int = 0) -> GraphScorer:
-        return cls(cls._session(str(bundle.model_path), threads,
-                                bundle.graph.get("ort_session_config")),
-                   bundle.graph, bundle.config, bundle.kv["dtype"])
+        import onnxruntime as ort
+
+        from edgert.backend_ort import BackendConfig, session_options
+
+        opts = session_options(BackendConfig(threads=threads), bundle)
+        session = ort.InferenceSession(str(bundle.model_path), opts,
+                                       providers=["CPUExecutionProvider"])
+        return cls(session, bundle.graph, bundle.config, bundle.kv["dtype"])
 
     @classmethod
     def from_model(cls, model: str | bytes, io: dict[str, Any], config: ModelConfig,
                    threads: int = 0) -> GraphScorer:
         """A graph that is not (yet) a bundle, e.g. the exporter's in-memory fp32 reference."""
-        return cls(cls._session(model, threads), io, config)
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return cls(ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"]), io,
+                   config)
 
     def logprobs(self, ids: np.ndarray, first_row: int) -> np.ndarray:
         """Log-softmax rows for positions [first_row, len(ids) - 1): row i predicts ids[i+1]."""

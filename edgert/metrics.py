@@ -63,7 +63,7 @@ class ServerMetrics:
             "request", buckets=_LATENCY_BUCKETS, registry=r)
         r.register(_EngineCollector(engine))
 
-    def on_step(self, outputs: list[RequestOutput], engine: AsyncEngine) -> None:
+    def on_step(self, outputs: list[RequestOutput]) -> None:
         """Called on the engine thread after each step that produced outputs."""
         for out in outputs:
             m = out.metrics

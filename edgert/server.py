@@ -353,7 +353,7 @@ class Service:
 
         def on_step(outputs: list[RequestOutput]) -> None:
             try:  # runs on the engine thread: a metrics bug must not kill the engine loop
-                self.metrics.on_step(outputs, aengine)
+                self.metrics.on_step(outputs)
             except Exception:
                 log.exception("metrics update failed")
 
