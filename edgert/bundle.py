@@ -14,7 +14,7 @@ from typing import Any
 from edgert.model_config import ModelConfig
 
 FORMAT = "edgert-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: pools [num_blocks, kv_heads, block_size, head_dim]; tables cover new tokens
 MANIFEST = "manifest.json"
 
 

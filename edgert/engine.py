@@ -349,7 +349,8 @@ class LLMEngine:
             shapes.update({(max([1, *(x for x in seqs if x * t <= bucket(budget))]), t, 1),
                            (1, t, 1)})
         for s, t, b in sorted(shapes, key=lambda x: -x[0] * x[1] * x[2]):
-            self.backend.run(_dummy_inputs(s, t, b))
+            if b * self.block_size >= t:
+                self.backend.run(_dummy_inputs(s, t, b))
         return len(shapes)
 
 

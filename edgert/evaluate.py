@@ -133,7 +133,9 @@ class GraphScorer:
     def __init__(self, session: Any, io: dict[str, Any], config: ModelConfig,
                  kv_dtype: str = "float32"):
         self.session, self.io, self.config = session, io, config
-        pool = np.zeros((1, 16, config.num_kv_heads, config.head_dim), np.dtype(kv_dtype))
+        self._block = 16
+        pool = np.zeros((1, config.num_kv_heads, self._block, config.head_dim),
+                        np.dtype(kv_dtype))
         self._pools = {name: pool for pair in io["pools"] for name in pair}
 
     @classmethod
@@ -168,7 +170,7 @@ class GraphScorer:
             names["positions"]: np.arange(t, dtype=np.int32)[None],
             names["query_lens"]: np.array([t], np.int32),
             names["context_lens"]: np.zeros(1, np.int32),
-            names["block_tables"]: np.zeros((1, 1), np.int32),
+            names["block_tables"]: np.zeros((1, -(-t // self._block)), np.int32),
             names["logits_indices"]: np.arange(first_row, t - 1, dtype=np.int32),
             **self._pools,
         }

@@ -60,8 +60,9 @@ class PoolUsage:
 
 
 class KVPool:
-    """The preallocated KV memory: ONE array [num_layers, 2, num_blocks, block_size, kv_heads,
-    head_dim], zero-initialised and never grown.
+    """The preallocated KV memory: ONE array [num_layers, 2, num_blocks, kv_heads, block_size,
+    head_dim], zero-initialised and never grown. Heads before slots, so the graph's GatherND of
+    (block, head) slices yields the past already in the attention GEMMs' layout.
 
     One array rather than one per layer so that the graph's new K/V for all layers lands with a
     single vectorised assignment per step, and so that a device backend can register one buffer.
@@ -97,14 +98,14 @@ class KVPool:
         self.dtype = np.dtype(dtype)
         # np.zeros: the null block must read as zeros, and zero pages are cheap to map lazily.
         self._data = np.zeros(
-            (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=self.dtype
+            (num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim), dtype=self.dtype
         )
-        # A view with every (layer, k/v) plane first and each token slot as one row, so `write`
-        # and `copy_blocks` are one fancy-index assignment over all layers at once. Folding
-        # kv_heads*head_dim into one axis measured ~5-10% faster than keeping them separate.
-        self._slots = self._data.reshape(num_layers * 2, num_blocks * block_size, -1)
+        # Views with every (layer, k/v) plane first, so `write` and `copy_blocks` are one
+        # fancy-index assignment over all layers at once.
+        self._heads = self._data.reshape(num_layers * 2, num_blocks, num_kv_heads, block_size,
+                                         head_dim)
         self._blocks = self._data.reshape(num_layers * 2, num_blocks, -1)
-        assert np.shares_memory(self._slots, self._data)  # a copy here would silently drop writes
+        assert np.shares_memory(self._heads, self._data)  # a copy here would silently drop writes
 
     @staticmethod
     def bytes_per_block(
@@ -149,11 +150,11 @@ class KVPool:
         return self._data
 
     def key(self, layer: int) -> np.ndarray:
-        """Layer's K pool [num_blocks, block_size, kv_heads, head_dim]: contiguous, so bindable."""
+        """Layer's K pool [num_blocks, kv_heads, block_size, head_dim]: contiguous, so bindable."""
         return self._data[layer, 0]
 
     def value(self, layer: int) -> np.ndarray:
-        """Layer's V pool [num_blocks, block_size, kv_heads, head_dim]: contiguous, so bindable."""
+        """Layer's V pool [num_blocks, kv_heads, block_size, head_dim]: contiguous, so bindable."""
         return self._data[layer, 1]
 
     @property
@@ -182,7 +183,7 @@ class KVPool:
         slots = slot_mapping.reshape(-1).astype(np.intp, copy=False)
         if slots.size == 0:
             return
-        src = new_kv.reshape(L * 2, S * T, kvh * d)
+        src = new_kv.reshape(L * 2, S * T, kvh, d)
         lo = int(slots.min())
         if lo < 0:
             if lo < -1:
@@ -200,7 +201,9 @@ class KVPool:
                 f"{self.num_blocks * self.block_size}): min {lo}, max {hi} "
                 "(slots in block 0, the null block, are never written)"
             )
-        self._slots[:, slots] = src
+        # Two index arrays around a slice: numpy puts the token axis first, [n, L*2, kvh, d].
+        self._heads[:, slots // self.block_size, :, slots % self.block_size] = src.transpose(
+            1, 0, 2, 3)
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy each (src, dst) block in every layer, K and V: the data half of copy-on-write.

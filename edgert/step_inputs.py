@@ -53,10 +53,12 @@ def build_step(tokens: list[list[int]], starts: list[int], tables: list[list[int
     logits_positions[s]: which of its new tokens (chunk-local) need logits."""
     n = len(tokens)
     t_max = max(len(t) for t in tokens)
-    past_blocks = [-(-start // block_size) for start in starts]
     S = bucket(n) if pad else n
     T = bucket(t_max) if pad else t_max
-    B = bucket(max(1, *past_blocks)) if pad else max(1, *past_blocks)
+    # The table covers the past AND this step's (padded) tokens: the graph places the new K/V
+    # at their own positions among the gathered keys.
+    spans = [-(-(start + T) // block_size) for start in starts]
+    B = bucket(max(spans)) if pad else max(spans)
     ids = np.zeros((S, T), np.int32)
     qlen = np.zeros(S, np.int32)
     ctx = np.zeros(S, np.int32)
@@ -75,8 +77,6 @@ def build_step(tokens: list[list[int]], starts: list[int], tables: list[list[int
     slots = np.where(valid, blocks * block_size + pos % block_size, -1)
     tables_in = full[:, :B].astype(np.int32) if full.shape[1] >= B else np.pad(
         full.astype(np.int32), ((0, 0), (0, B - full.shape[1])))
-    # Past columns only: blocks that hold this step's new tokens are not read by the graph.
-    tables_in[np.arange(B)[None, :] >= np.asarray(past_blocks + [0] * (S - n))[:, None]] = 0
     rows, index, start = [], [], 0
     for s in range(n):
         p = np.asarray(logits_positions[s], np.int64)

@@ -88,7 +88,7 @@ def write_bundle(ckpt: Checkpoint, out: Path, *, block_size: int = 16, progress:
             "quantization": meta["quantization"],
             "calibration": meta["calibration"],
             "kv": {
-                "layout": ["num_blocks", "block_size", "kv_heads", "head_dim"],
+                "layout": ["num_blocks", "kv_heads", "block_size", "head_dim"],
                 "dtype": "float32",
                 "block_size": block_size,
                 "null_block": 0,

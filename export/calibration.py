@@ -138,7 +138,7 @@ def calibrate(ckpt: Checkpoint, cfg: CalibConfig, threads: int = 0,
                                    providers=["CPUExecutionProvider"])
     del model
     cfgm = ckpt.config
-    pool = np.zeros((1, 16, cfgm.num_kv_heads, cfgm.head_dim), np.float32)
+    pool = np.zeros((1, cfgm.num_kv_heads, 16, cfgm.head_dim), np.float32)
     pools = {name: pool for layer in range(cfgm.num_layers)
              for name in (IO.pool_key(layer), IO.pool_value(layer))}
     names = list(dict.fromkeys(tensors.values()))
@@ -150,7 +150,7 @@ def calibrate(ckpt: Checkpoint, cfg: CalibConfig, threads: int = 0,
         feed = {IO.input_ids: ids.astype(np.int32),
                 IO.positions: np.tile(np.arange(t, dtype=np.int32), (s, 1)),
                 IO.query_lens: np.full(s, t, np.int32), IO.context_lens: np.zeros(s, np.int32),
-                IO.block_tables: np.zeros((s, 1), np.int32),
+                IO.block_tables: np.zeros((s, -(-t // 16)), np.int32),
                 # every 4th position through the LM head: enough rows for its statistics
                 IO.logits_indices: np.arange(0, s * t, 4, dtype=np.int32), **pools}
         outs = dict(zip(names, session.run(names, feed)))

@@ -4,9 +4,10 @@ Built node by node with `onnx.helper` rather than traced from torch: every op is
 graph stays in the standard domain, takes every shape from an input's shape, and reads each KV pool
 through exactly one Gather. One graph serves prefill chunks and decode steps (dynamic S, T, B).
 
-Attention joins the past (gathered from the pool) and the new tokens as two blocks of scores that
-share one softmax: a common max, exp of each block, one denominator. Nothing the size of the past is
-ever concatenated or sliced. The block size is not baked in: the pool's second axis carries it.
+Attention joins the past (gathered from the pool) and the new tokens as two blocks of scores,
+concatenated (small) and normalised by one row-wise Softmax, then multiplied with each block's
+values: nothing the size of the past K/V is ever concatenated or sliced. The block size is not
+baked in: the pool's second axis carries it.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ class DecoderGraphBuilder:
         for layer in range(cfg.num_layers):
             for pool in (IO.pool_key(layer), IO.pool_value(layer)):
                 inputs.append(helper.make_tensor_value_info(
-                    pool, TensorProto.FLOAT, ["num_blocks", "block_size", kvh, d]))
+                    pool, TensorProto.FLOAT, ["num_blocks", kvh, "block_size", d]))
 
         x = self.embedding(IO.input_ids)
 
@@ -201,42 +202,79 @@ class DecoderGraphBuilder:
         freqs = b.op("Unsqueeze", freqs, b.const(np.array([2], np.int64)))  # [S, T, 1, d/2]
         return b.op("Cos", freqs), b.op("Sin", freqs)
 
-    def _masks(self) -> tuple[str, str, str]:
-        """The new-token key mask [S, 1, 1, T, T] (key j valid iff j <= i and j < query_len),
-        shared by all layers, plus the int32 constants 0 and 1 the per-layer past mask reuses."""
+    def _masks(self) -> tuple[str, str]:
+        """The int32 constants 0 and 1 that the index arithmetic of every layer shares."""
+        b = self.b
+        return (b.const(np.array(0, np.int32), "i32_zero"),
+                b.const(np.array(1, np.int32), "i32_one"))
+
+    def _block_heads(self, zero: str) -> str:
+        """GatherND indices [S, kvh, B, 2] = (block_tables[s, b], h): every kv head's slice of
+        every block in the table, so the gathered past comes out heads-first."""
+        b = self.b
+        kvh = self.cfg.num_kv_heads
+        table = b.op("Unsqueeze", IO.block_tables, b.const(np.array([1], np.int64)))  # [S,1,B]
+        heads = b.const(np.arange(kvh, dtype=np.int32).reshape(1, kvh, 1))
+        ax = b.const(np.array([-1], np.int64))
+        table = b.op("Add", table, b.op("Mul", heads, zero))  # [S, kvh, B]
+        heads = b.op("Add", heads, b.op("Mul", table, zero))  # [S, kvh, B]
+        idx = b.op("Concat", b.op("Unsqueeze", table, ax), b.op("Unsqueeze", heads, ax), axis=-1)
+        return b.op("Cast", idx, to=TensorProto.INT64)
+
+    def _key_positions(self, blocks: str, zero: str, one: str) -> tuple[str, str]:
+        """Where the new tokens go among the gathered keys, and which keys each query sees.
+
+        Token t of sequence s is at position p = context_len[s] + t, i.e. in block column
+        p // block_size at offset p % block_size of the gathered [S, kvh, B, block_size, d]:
+        ScatterND indices [S, kvh, T, 4] = (s, h, p // block_size, p % block_size), int64 as
+        ONNX requires. Query t sees keys j <= p (causal; everything older is its past): a mask
+        [S, 1, g*T, P] over the stacked query heads, P = B * block_size. The block table
+        covers the new tokens' slots."""
         b = self.b
         i32 = TensorProto.INT32
-        zero = b.const(np.array(0, np.int32), "i32_zero")
-        one = b.const(np.array(1, np.int32), "i32_one")
-        t = b.op("Squeeze", b.op("Cast", b.op("Shape", IO.input_ids, start=1, end=2), to=i32))
-        ti = b.op("Range", zero, t, one)  # [T]
-        key_j = b.op("Unsqueeze", ti, b.const(np.array([0], np.int64)))  # [1, T]
-        query_i = b.op("Unsqueeze", ti, b.const(np.array([1], np.int64)))  # [T, 1]
-        causal = b.op("LessOrEqual", key_j, query_i)  # [T(i), T(j)]
-        qlen = b.op("Unsqueeze", IO.query_lens, b.const(np.array([1, 2], np.int64)))  # [S, 1, 1]
-        key_valid = b.op("Less", b.op("Unsqueeze", key_j, b.const(np.array([0], np.int64))), qlen)
-        new_mask = b.op("And", causal, key_valid)  # [S, T, T]
-        new_mask = b.op("Unsqueeze", new_mask, b.const(np.array([1, 2], np.int64)))
-        return zero, one, new_mask  # [S, 1, 1, T, T]
+        kvh = self.cfg.num_kv_heads
 
-    def _past_mask(self, k_past: str, zero: str, one: str) -> str:
-        """[S, 1, 1, 1, P]: past key j is valid iff j < context_len. P = B * block_size, read
-        from the shape of the gathered keys [S, P, kvh, d]."""
-        b = self.b
-        p = b.op("Squeeze", b.op("Cast", b.op("Shape", k_past, start=1, end=2),
-                                 to=TensorProto.INT32))
-        pj = b.op("Unsqueeze", b.op("Range", zero, p, one),
-                  b.const(np.array([0], np.int64)))  # [1, P]
+        def dim(x: str, i: int) -> str:
+            return b.op("Squeeze", b.op("Cast", b.op("Shape", x, start=i, end=i + 1), to=i32))
+
+        s_len, t_len = dim(IO.input_ids, 0), dim(IO.input_ids, 1)
+        bs = dim(blocks, 3)
+        p_len = b.op("Mul", dim(blocks, 2), bs)
         ctx = b.op("Unsqueeze", IO.context_lens, b.const(np.array([1], np.int64)))  # [S, 1]
-        mask = b.op("Less", pj, ctx)  # [S, P]
-        return b.op("Unsqueeze", mask, b.const(np.array([1, 2, 3], np.int64)))
+        ti = b.op("Unsqueeze", b.op("Range", zero, t_len, one),
+                  b.const(np.array([0], np.int64)))  # [1, T]
+        at = b.op("Add", ctx, ti)  # [S, T]: each new token's position
+        si = b.op("Unsqueeze", b.op("Range", zero, s_len, one),
+                  b.const(np.array([1], np.int64)))  # [S, 1]
+        # every component broadcast to [S, kvh, T]
+        ax1 = b.const(np.array([1], np.int64))
+        at3 = b.op("Unsqueeze", at, ax1)  # [S, 1, T]
+        like = b.op("Mul", b.op("Add", at3, b.op("Mul", b.const(
+            np.zeros((1, kvh, 1), np.int32)), zero)), zero)  # zeros [S, kvh, T]
+        parts = [b.op("Add", b.op("Unsqueeze", si, ax1), like),
+                 b.op("Add", b.const(np.arange(kvh, dtype=np.int32).reshape(1, kvh, 1)), like),
+                 b.op("Add", b.op("Div", at3, bs), like),
+                 b.op("Add", b.op("Mod", at3, bs), like)]
+        ax = b.const(np.array([-1], np.int64))
+        idx = b.op("Concat", *(b.op("Unsqueeze", x, ax) for x in parts), axis=-1)
+        idx = b.op("Cast", idx, to=TensorProto.INT64)  # [S, kvh, T, 4]
+        pj = b.op("Range", zero, p_len, one)  # [P]
+        mask = b.op("LessOrEqual", pj, b.op("Unsqueeze", at, ax))  # [S, T, P]
+        mask = b.op("Unsqueeze", mask, b.const(np.array([1], np.int64)))  # [S, 1, T, P]
+        g = self.cfg.group_size
+        if g > 1:  # the rows of the stacked query heads: g blocks of T
+            mask = b.op("Tile", mask, b.const(np.array([1, 1, g, 1], np.int64)))
+        else:  # the zero query row sees key 0, so its softmax stays finite
+            mask = b.op("Concat", mask, b.op("Slice", mask, "i64_zero", "i64_one", "i64_two"),
+                        axis=2)
+        return idx, mask  # [S, 1, g*T (+1), P]
 
     def _attention(self, layer: int, h: str, cos: str, sin: str,
-                   masks: tuple[str, str, str]) -> tuple[str, str, str]:
+                   masks: tuple[str, str]) -> tuple[str, str, str]:
         cfg, b, w = self.cfg, self.b, self.ckpt.weights
         p = f"model.layers.{layer}.self_attn."
         kvh, d, nh, g = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads, cfg.group_size
-        zero, one, new_mask = masks
+        zero, one = masks
 
         # Fused QKV projection: one GEMM instead of three, then a Split.
         wq, wk, wv = w[p + "q_proj.weight"], w[p + "k_proj.weight"], w[p + "v_proj.weight"]
@@ -256,38 +294,54 @@ class DecoderGraphBuilder:
         q = self.rope(q, cos, sin)
         k = self.rope(k, cos, sin)  # [S, T, kvh, d]: this is what goes into the pool
 
-        # Queries grouped per KV head: [S, kvh, g, T, d], pre-scaled by 1/sqrt(d).
+        # Queries grouped per KV head, the g heads' rows stacked: [S, kvh, g*T, d], pre-scaled
+        # by 1/sqrt(d). Stacking makes each attention GEMM at least two rows tall even when
+        # decoding (T = 1): ORT's one-row GEMV sums in another order than its GEMM, so a token
+        # decoded and the same token recomputed in a prefill would differ in the last bits. An
+        # MHA model (g = 1) gets a zero query row for the same reason.
         q = b.op("Reshape", q, b.const(np.array([0, 0, kvh, g, d], np.int64)))
-        q = b.op("Transpose", q, perm=[0, 2, 3, 1, 4])
+        q = b.op("Transpose", q, perm=[0, 2, 3, 1, 4])  # [S, kvh, g, T, d]
+        q = b.op("Reshape", q, b.const(np.array([0, 0, -1, d], np.int64)))
         q = b.op("Mul", q, b.const(np.array(d ** -0.5, np.float32)))
-        ax2 = b.const(np.array([2], np.int64))
+        if g == 1:
+            if layer == 0:
+                for name, val in (("i64_zero", 0), ("i64_one", 1), ("i64_two", 2)):
+                    b.const(np.array([val], np.int64), name)
+            pad_row = b.op("Mul", b.op("Slice", q, "i64_zero", "i64_one", "i64_two"),
+                           b.const(np.array(0.0, np.float32)))
+            q = b.op("Concat", q, pad_row, axis=2)  # [S, kvh, T + 1, d]
 
         # Past: the pool's ONLY consumer is this Gather. [S, B, bs, kvh, d] -> [S, P, kvh, d]
-        flat_shape = b.const(np.array([0, -1, kvh, d], np.int64))
-        k_past = b.op("Reshape", b.op("Gather", IO.pool_key(layer), IO.block_tables, axis=0),
-                      flat_shape)
-        v_past = b.op("Reshape", b.op("Gather", IO.pool_value(layer), IO.block_tables, axis=0),
-                      flat_shape)
-        if layer == 0:  # every layer's past has the same length P: one mask for all
-            self._past_mask_name = self._past_mask(k_past, zero, one)
-        past_mask = self._past_mask_name
-        kp = b.op("Unsqueeze", b.op("Transpose", k_past, perm=[0, 2, 3, 1]), ax2)  # [S,kvh,1,d,P]
-        vp = b.op("Unsqueeze", b.op("Transpose", v_past, perm=[0, 2, 1, 3]), ax2)  # [S,kvh,1,P,d]
-        kn = b.op("Unsqueeze", b.op("Transpose", k, perm=[0, 2, 3, 1]), ax2)  # [S,kvh,1,d,T]
-        vn = b.op("Unsqueeze", b.op("Transpose", v, perm=[0, 2, 1, 3]), ax2)  # [S,kvh,1,T,d]
-
+        # Past: the pool's ONLY consumer is this GatherND, which reads each (block, kv head)
+        # slice [block_size, d] of the table: [S, kvh, B, bs, d], already the layout the
+        # attention GEMMs want (no transpose of the past).
         if layer == 0:
+            self._gather_at = self._block_heads(zero)
+        k_blocks = b.op("GatherND", IO.pool_key(layer), self._gather_at)
+        v_blocks = b.op("GatherND", IO.pool_value(layer), self._gather_at)
+        # The step's own K/V join the gathered past at their positions (ScatterND), so every
+        # key sits at its absolute position whatever the call: a token's attention sums in the
+        # same order alone or batched, in one prefill or chunked, decoded or recomputed after a
+        # preemption, and quantized activations never see a batch-dependent rounding (see
+        # DESIGN.md, batch invariance).
+        if layer == 0:
+            self._scatter_at, self._key_mask = self._key_positions(k_blocks, zero, one)
             b.const(np.array(MASK_VALUE, np.float32), "mask_value")
-        neg = "mask_value"
-        s_past = b.op("Where", past_mask, b.op("MatMul", q, kp), neg)  # [S, kvh, g, T, P]
-        s_new = b.op("Where", new_mask, b.op("MatMul", q, kn), neg)  # [S, kvh, g, T, T]
-        m = b.op("Max", b.op("ReduceMax", s_past, self._axis_last, keepdims=1),
-                 b.op("ReduceMax", s_new, self._axis_last, keepdims=1))
-        e_past = b.op("Exp", b.op("Sub", s_past, m))
-        e_new = b.op("Exp", b.op("Sub", s_new, m))
-        den = b.op("Add", b.op("ReduceSum", e_past, self._axis_last, keepdims=1),
-                   b.op("ReduceSum", e_new, self._axis_last, keepdims=1))
-        o = b.op("Div", b.op("Add", b.op("MatMul", e_past, vp), b.op("MatMul", e_new, vn)), den)
+        heads_first = [0, 2, 1, 3]  # [S, T, kvh, d] -> [S, kvh, T, d]: only this step's tokens
+        flat = b.const(np.array([0, 0, -1, d], np.int64))
+        k_all = b.op("Reshape", b.op("ScatterND", k_blocks, self._scatter_at,
+                                     b.op("Transpose", k, perm=heads_first)), flat)
+        v_all = b.op("Reshape", b.op("ScatterND", v_blocks, self._scatter_at,
+                                     b.op("Transpose", v, perm=heads_first)), flat)
+        kp = b.op("Transpose", k_all, perm=[0, 1, 3, 2])  # [S, kvh, d, P]: ORT fuses it
+        vp = v_all  # [S, kvh, P, d]
+        scores = b.op("Where", self._key_mask, b.op("MatMul", q, kp), "mask_value")
+        probs = b.op("Softmax", scores, axis=-1)  # [S, kvh, g*T, P], one row-wise softmax
+        o = b.op("MatMul", probs, vp)  # [S, kvh, g*T, d]
+        if g == 1:
+            o = b.op("Slice", o, "i64_zero", b.op("Shape", IO.input_ids, start=1, end=2),
+                     "i64_two")
+        o = b.op("Reshape", o, b.const(np.array([0, 0, g, -1, d], np.int64)))  # [S,kvh,g,T,d]
         o = b.op("Transpose", o, perm=[0, 3, 1, 2, 4])  # [S, T, kvh, g, d]
         o = b.op("Reshape", o, b.const(np.array([0, 0, nh * d], np.int64)))
         out = self.linear(o, w[p + "o_proj.weight"].T, p + "o_proj.weight")

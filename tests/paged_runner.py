@@ -25,7 +25,7 @@ class PagedRunner:
         cfg = bundle.config
         self.bundle, self.bs = bundle, block_size
         rng = np.random.default_rng(seed)
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)
         self.pools = {}
         for pair in bundle.graph["pools"]:
             for name in pair:
@@ -53,13 +53,17 @@ class PagedRunner:
             ids[s, :len(toks)] = toks
             pos[s, :len(toks)] = np.arange(seq.length, seq.length + len(toks))
             qlen[s], ctx[s] = len(toks), seq.length
-        # Tables hold only the blocks of the PAST (the new tokens come in as new K/V), padded
-        # with the null block 0 to the longest; at least one column.
-        B = max(1, max(-(-self.seqs[sid].length // self.bs) for sid, _ in batch))
+        # Tables cover the past and this call's T slots (the graph places the new K/V among the
+        # gathered keys), padded with the null block 0 to the longest.
+        for sid, toks in batch:
+            seq = self.seqs[sid]
+            while len(seq.blocks) * self.bs < seq.length + len(toks):
+                seq.blocks.append(self.free.pop())
+        B = max(-(-(self.seqs[sid].length + T) // self.bs) for sid, _ in batch)
         tables = np.zeros((S, B), np.int32)
         for s, (sid, _) in enumerate(batch):
-            past = self.seqs[sid].blocks[: -(-self.seqs[sid].length // self.bs)]
-            tables[s, :len(past)] = past
+            own = self.seqs[sid].blocks
+            tables[s, :len(own)] = own
         index = np.array([s * T + t for s, (_, toks) in enumerate(batch)
                           for t in range(len(toks))], np.int32)
         io = self.bundle.graph
@@ -73,12 +77,10 @@ class PagedRunner:
             seq = self.seqs[sid]
             for t in range(len(toks)):
                 p = seq.length + t
-                if p // self.bs >= len(seq.blocks):
-                    seq.blocks.append(self.free.pop())
                 blk, off = seq.blocks[p // self.bs], p % self.bs
                 for layer, (kname, vname) in enumerate(io["pools"]):
-                    self.pools[kname][blk, off] = new_kv[layer, 0, s, t]
-                    self.pools[vname][blk, off] = new_kv[layer, 1, s, t]
+                    self.pools[kname][blk, :, off] = new_kv[layer, 0, s, t]
+                    self.pools[vname][blk, :, off] = new_kv[layer, 1, s, t]
             seq.length += len(toks)
         out, start = [], 0
         for _, toks in batch:

@@ -14,7 +14,7 @@ from tests.paged_runner import PagedRunner
 from tests.tiny_models import VOCAB, make_tiny, reference_logits
 
 ATOL = 1e-4
-ARCHS = ["llama", "qwen2", "qwen3"]
+ARCHS = ["llama", "llama-mha", "qwen2", "qwen3"]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -81,7 +81,7 @@ def test_three_sequences_in_one_call(tiny):
 
 
 def test_graph_structure(tiny):
-    """Each pool's only consumer is a Gather; standard ONNX domain only; int32 index inputs;
+    """Each pool's only consumer is its GatherND; standard ONNX domain only; int32 index inputs;
     weights in external data."""
     _, _, bundle = tiny
     model = onnx.load(str(bundle.model_path), load_external_data=False)
@@ -93,7 +93,7 @@ def test_graph_structure(tiny):
     pools = [n for pair in bundle.graph["pools"] for n in pair]
     assert len(pools) == 2 * bundle.config.num_layers
     for pool in pools:
-        assert consumers.get(pool) == ["Gather"], f"{pool} consumed by {consumers.get(pool)}"
+        assert consumers.get(pool) == ["GatherND"], f"{pool} consumed by {consumers.get(pool)}"
     int32 = onnx.TensorProto.INT32
     for inp in model.graph.input:
         if inp.name in bundle.graph["inputs"].values():

@@ -42,7 +42,7 @@ def _reference_write(ref: np.ndarray, new_kv: np.ndarray, slots: np.ndarray, bs:
                 for t in range(T):
                     slot = int(slots[s, t])
                     if slot >= 0:
-                        ref[layer, kv, slot // bs, slot % bs] = new_kv[layer, kv, s, t]
+                        ref[layer, kv, slot // bs, :, slot % bs] = new_kv[layer, kv, s, t]
 
 
 @settings(max_examples=60, deadline=None)
@@ -71,13 +71,13 @@ def test_write_is_visible_through_layer_views_and_views_are_zero_copy() -> None:
     assert not pool.data.any()
     for layer in range(2):
         for view in (pool.key(layer), pool.value(layer)):
-            assert view.shape == (3, 4, 1, 2)
+            assert view.shape == (3, 1, 4, 2)  # [num_blocks, kv_heads, block_size, head_dim]
             assert view.flags.c_contiguous
             assert np.shares_memory(view, pool.data)
     new_kv = np.arange(2 * 2 * 1 * 1 * 1 * 2, dtype=np.float32).reshape(2, 2, 1, 1, 1, 2) + 1
     pool.write(new_kv, np.array([[4 * 2 + 3]]))  # block 2, offset 3
-    np.testing.assert_array_equal(pool.key(1)[2, 3], new_kv[1, 0, 0, 0])
-    np.testing.assert_array_equal(pool.value(0)[2, 3], new_kv[0, 1, 0, 0])
+    np.testing.assert_array_equal(pool.key(1)[2, :, 3], new_kv[1, 0, 0, 0])
+    np.testing.assert_array_equal(pool.value(0)[2, :, 3], new_kv[0, 1, 0, 0])
     assert pool.nbytes == 2 * 2 * 3 * 4 * 1 * 2 * 4
 
 

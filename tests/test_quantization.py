@@ -333,7 +333,7 @@ def test_quantized_bundle_structure_and_manifest(label, kw, tiny_ckpts, tmp_path
             consumers.setdefault(name, []).append(node.op_type)
     for pair in bundle.graph["pools"]:
         for pool in pair:
-            assert consumers[pool] == ["Gather"]
+            assert consumers[pool] == ["GatherND"]
     q = m["quantization"]
     layers = q["layers"]
     cfg = ckpt.config

@@ -20,13 +20,16 @@ def word_level_tokenizer() -> Tokenizer:
 
 
 def make_tiny(arch: str, path: Path, seed: int = 0, tie: bool = False):
-    """Create, save and return (model, path) for arch in llama / qwen2 / qwen3."""
+    """Create, save and return (model, path) for arch in llama / llama-mha (no GQA) / qwen2 /
+    qwen3."""
     import transformers as tf
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   initializer_range=0.3, rms_norm_eps=1e-5, tie_word_embeddings=tie,
                   bos_token_id=1, eos_token_id=2)
+    if arch == "llama-mha":
+        arch, common["num_key_value_heads"] = "llama", 4
     if arch == "llama":
         cfg = tf.LlamaConfig(**common, rope_theta=30.0)
         cls = tf.LlamaForCausalLM
