@@ -1,5 +1,5 @@
 import sys
 
-from edgert.cli import main
+from edgert.tools.cli import main
 
 sys.exit(main())

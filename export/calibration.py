@@ -6,8 +6,9 @@ output and reduced on the fly to
 - per input channel: max |x| (SmoothQuant's migration strength, W8A8 activation ranges) and mean
   |x| (AWQ-style saliency),
 - optionally the Hessian proxy H = E[x x^T] that GPTQ needs (K x K per projection input).
-The built-in text is the calibration half of Python's pydoc topics (`edgert.evaluate` holds the
-split, so evaluation never scores calibration text); `--calib FILE` takes any UTF-8 text instead.
+The built-in text is the calibration part of Python's pydoc topics (export/texts.py: `edgert eval`
+scores the rest, so evaluation never sees calibration text); `--calib FILE` takes any UTF-8 text
+instead.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto, helper
 
-from edgert.evaluate import calibration_text
+from edgert.runner.step_inputs import fresh_prefill
 from export.checkpoint import Checkpoint
 from export.graph import IO, DecoderGraphBuilder
+from export.texts import calibration_text
 
 LM_HEAD = "lm_head.weight"  # the LM head's key, tied or not
 
@@ -147,12 +149,11 @@ def calibrate(ckpt: Checkpoint, cfg: CalibConfig, threads: int = 0,
     for i in range(0, len(windows), cfg.batch):
         ids = windows[i: i + cfg.batch]
         s, t = ids.shape
-        feed = {IO.input_ids: ids.astype(np.int32),
-                IO.positions: np.tile(np.arange(t, dtype=np.int32), (s, 1)),
-                IO.query_lens: np.full(s, t, np.int32), IO.context_lens: np.zeros(s, np.int32),
-                IO.block_tables: np.zeros((s, -(-t // 16)), np.int32),
-                # every 4th position through the LM head: enough rows for its statistics
-                IO.logits_indices: np.arange(0, s * t, 4, dtype=np.int32), **pools}
+        # every 4th position through the LM head: enough rows for its statistics
+        x = fresh_prefill(ids.astype(np.int32), 16, np.arange(0, s * t, 4))
+        feed = {IO.input_ids: x.input_ids, IO.positions: x.positions, IO.query_lens: x.query_lens,
+                IO.context_lens: x.context_lens, IO.block_tables: x.block_tables,
+                IO.logits_indices: x.logits_indices, **pools}
         outs = dict(zip(names, session.run(names, feed)))
         for wname, tensor in tensors.items():
             x = outs[tensor]

@@ -49,7 +49,7 @@ def register_export(sub: argparse._SubParsersAction) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     from edgert.bundle import Bundle
-    from edgert.info import describe
+    from edgert.tools.info import describe
     from export.bundle_writer import write_bundle
     from export.pipeline import load_source
     from export.quant_cli import export_with_gate, quant_config_from_args

@@ -2,7 +2,7 @@
 
 A quantized bundle is written beside the target, scored on held-out text against the float graph
 of the same checkpoint (built in memory, never written), and moved into place only if its
-perplexity rose no more than the gate for its configuration (edgert.evaluate.QUALITY_GATES), or
+perplexity rose no more than the gate for its configuration (export/gates.py), or
 with --force. The summary printed is the one `edgert eval` prints.
 """
 
@@ -77,17 +77,17 @@ def export_with_gate(ckpt: Checkpoint, args: argparse.Namespace, quant: QuantCon
     from tokenizers import Tokenizer
 
     from edgert.bundle import Bundle
-    from edgert.evaluate import (
+    from edgert.tools.evaluate import (
         EvalConfig,
         GraphScorer,
         bundle_size,
         evaluate_tokens,
         format_summary,
         heldout_tokens,
-        quality_gate,
     )
-    from edgert.info import describe
+    from edgert.tools.info import describe
     from export.bundle_writer import graph_io_manifest, write_bundle
+    from export.gates import quality_gate
     from export.graph import build_decoder
 
     out: Path = args.output

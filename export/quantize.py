@@ -30,6 +30,7 @@ import onnx
 
 from export.calibration import LM_HEAD, CalibConfig, Calibration, calibrate
 from export.checkpoint import Checkpoint
+from export.gates import quality_gate
 from export.gptq import gptq
 from export.graph import OPSET, DecoderGraphBuilder
 from export.quant_formats import Grid, QuantizedWeight, choose_block, rtn
@@ -401,6 +402,7 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
             "lm_head": q.lm_head_precision,
             "smoothquant_alpha": q.alpha,
             "clip_search": q.uses_clip_search,
+            "gate": quality_gate(q.precision, q.graph_flavour, q.symmetric),
             "layers": self.layers,
         }
 

@@ -14,7 +14,7 @@ import statistics
 import threading
 import time
 
-from edgert.backend_ort import BackendConfig
+from edgert.config import BackendConfig
 from edgert.engine import EngineConfig, LLMEngine
 from edgert.sampling_params import SamplingParams
 

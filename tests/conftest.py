@@ -33,7 +33,8 @@ def _export_fingerprint() -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for path in sorted([*(REPO / "export").glob("*.py"), REPO / "edgert" / "bundle.py"]):
+    for path in sorted([*(REPO / "export").glob("*.py"), REPO / "edgert" / "bundle.py",
+                        REPO / "edgert" / "runner" / "step_inputs.py"]):
         h.update(path.read_bytes())
     return h.hexdigest()[:12]
 

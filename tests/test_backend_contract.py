@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from edgert.backend_ort import BackendConfig, available_providers
 from edgert.bundle import Bundle
+from edgert.config import BackendConfig
 from edgert.engine import LLM, EngineConfig
+from edgert.runner.ort_backend import available_providers
 from edgert.sampling_params import SamplingParams
 from export.bundle_writer import write_bundle
 from export.pipeline import load_source

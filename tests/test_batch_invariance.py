@@ -157,7 +157,7 @@ def _check_invariance(bundle, label: str) -> None:
     alone = {}
     for i, p in enumerate(prompts):
         alone[i] = _run(single, [p], 1)[0]
-    per_block = single.pool.nbytes // single.pool.num_blocks
+    per_block = single.block_bytes
     variants = {
         "batched, prefix cache on": (dict(), 2),
         "chunked prefill (16-token budget)": (dict(max_num_batched_tokens=16), 1),

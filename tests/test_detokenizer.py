@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from edgert.detokenizer import IncrementalDetokenizer
-from edgert.stop_strings import StopStringMatcher
+from edgert.text.detokenizer import IncrementalDetokenizer
+from edgert.text.stop_strings import StopStringMatcher
 
 FFFD = "\ufffd"
 # The tokenizer fixtures are module-scoped and read-only, so reusing them across examples is safe.

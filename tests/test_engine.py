@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edgert.core.scheduler import RequestRejected
 from edgert.engine import LLM, EngineConfig, LLMEngine
 from edgert.sampling_params import SamplingParams
-from edgert.scheduler import RequestRejected
 
 PROMPTS = [
     "The capital of France is",
@@ -273,7 +273,7 @@ def test_priority_and_fcfs(smollm2_bundle):
 def test_async_engine_streams_and_cancels(smollm2_bundle):
     import asyncio
 
-    from edgert.async_engine import AsyncEngine
+    from edgert.engine.async_engine import AsyncEngine
 
     async def main():
         aengine = AsyncEngine(_engine(smollm2_bundle))

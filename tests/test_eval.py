@@ -14,21 +14,23 @@ import pytest
 import torch
 
 from edgert.bundle import Bundle
-from edgert.evaluate import (
+from edgert.tools.evaluate import (
     HELDOUT_EVERY,
+    HELDOUT_SLOT,
     EvalConfig,
     GraphScorer,
     _topics,
-    calibration_text,
     evaluate_bundle,
     evaluate_tokens,
     heldout_text,
     measure_process,
     plan_windows,
-    quality_gate,
 )
+from export import texts
 from export.bundle_writer import write_bundle
+from export.gates import quality_gate
 from export.pipeline import load_source
+from export.texts import calibration_text
 from tests.tiny_models import VOCAB, make_tiny
 
 
@@ -49,6 +51,9 @@ def test_windows_score_every_target_once_with_context(n, window, stride, tokens)
 
 
 def test_heldout_and_calibration_texts_are_disjoint():
+    """The runtime's held-out text and the exporter's calibration text state the same split in
+    two files (the runtime never imports the exporter): disjoint, and together every topic."""
+    assert (texts.EVAL_EVERY, texts.EVAL_SLOT) == (HELDOUT_EVERY, HELDOUT_SLOT)
     topics = _topics()
     held = heldout_text()
     calib = calibration_text()

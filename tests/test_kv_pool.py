@@ -18,7 +18,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from edgert.kv_pool import BlockAllocator, KVPool, NoFreeBlocks, PoolUsage
+from edgert.core.block_allocator import BlockAllocator, NoFreeBlocks, PoolUsage
+from edgert.runner.kv_pool import KVPool
 
 # --------------------------------------------------------------------------------------------------
 # KVPool
@@ -161,9 +162,16 @@ def test_write_microbenchmark_smollm2_shape() -> None:
 BS = 4
 
 
+def _acquire(alloc: BlockAllocator, seq_id: int, prompt: list[int]) -> int:
+    """Admit a sequence with only its cached prefix; returns the prefix hit in tokens."""
+    prefix = alloc.match_prefix(prompt)
+    assert alloc.admit(seq_id, prefix, len(prefix) * alloc.block_size, looked_up=len(prompt))
+    return len(prefix) * alloc.block_size
+
+
 def _prefill(alloc: BlockAllocator, seq_id: int, prompt: list[int]) -> int:
     """What the scheduler does for a new prompt; returns the prefix hit."""
-    hit = alloc.acquire_prefix(seq_id, prompt)
+    hit = _acquire(alloc, seq_id, prompt)
     assert alloc.ensure_capacity(seq_id, len(prompt))
     alloc.commit(seq_id, prompt)
     return hit
@@ -177,7 +185,7 @@ def test_shared_prompt_is_served_from_cache_and_capped_to_leave_a_token() -> Non
     assert len(a) == 10 and 0 not in a
 
     # Whole prompt cached, but the last token must be recomputed to get logits: 9 blocks, not 10.
-    assert alloc.acquire_prefix(2, prompt) == 9 * BS
+    assert _acquire(alloc, 2, prompt) == 9 * BS
     b = alloc.block_table(2)
     assert b == a[:9]
     refs = alloc.debug_state().refcounts
@@ -195,7 +203,7 @@ def test_shared_prompt_is_served_from_cache_and_capped_to_leave_a_token() -> Non
     u = alloc.usage()
     assert (u.used, u.cached, u.free) == (0, 10, 31 - 10)
     # A longer prompt with the same 10 leading blocks reuses all of them.
-    assert alloc.acquire_prefix(3, prompt + [7]) == 10 * BS
+    assert _acquire(alloc, 3, prompt + [7]) == 10 * BS
     assert alloc.block_table(3) == a
     assert alloc.usage().cached == 0
     s = alloc.stats
@@ -212,7 +220,7 @@ def test_prefix_hit_always_leaves_at_least_one_token(length: int, expected_hit: 
     tokens = list(range(1, 20))
     _prefill(alloc, 1, tokens[:16])
     alloc.free(1)
-    hit = alloc.acquire_prefix(2, tokens[:length])
+    hit = _acquire(alloc, 2, tokens[:length])
     assert hit == expected_hit
     assert hit < length
 
@@ -228,15 +236,15 @@ def test_lru_evicts_the_oldest_prefix_tail_first() -> None:
     assert alloc.debug_state().lru == tuple(reversed(t1)) + tuple(reversed(t2))
     assert alloc.usage().free == 2 and alloc.num_free_blocks == 8
 
-    assert alloc.acquire_prefix(3, [3] * 12) == 0
+    assert _acquire(alloc, 3, [3] * 12) == 0
     assert alloc.ensure_capacity(3, 12)  # 2 free blocks, then evicts p1's LAST block
     assert alloc.stats.evictions == 1
     assert t1[2] in alloc.block_table(3)
     alloc.free(3)
     # p1 lost only its tail: its first two blocks still hit.
-    assert alloc.acquire_prefix(4, p1 + [9]) == 8
+    assert _acquire(alloc, 4, p1 + [9]) == 8
     assert alloc.block_table(4) == t1[:2]
-    assert alloc.acquire_prefix(5, p2 + [9]) == 12
+    assert _acquire(alloc, 5, p2 + [9]) == 12
     alloc.free(4)
     alloc.free(5)
     assert alloc.usage().used == 0
@@ -245,7 +253,7 @@ def test_lru_evicts_the_oldest_prefix_tail_first() -> None:
 def test_ensure_capacity_failure_changes_nothing() -> None:
     alloc = BlockAllocator(num_blocks=5, block_size=BS)  # 4 usable
     _prefill(alloc, 1, [1] * 8)
-    alloc.acquire_prefix(2, [2])
+    _acquire(alloc, 2, [2])
     before = alloc.debug_state()
     assert not alloc.ensure_capacity(2, 3 * BS)
     assert alloc.debug_state() == before
@@ -288,7 +296,7 @@ def test_cow_without_a_free_block_raises_and_changes_nothing() -> None:
 def test_commit_is_incremental_and_idempotent() -> None:
     alloc = BlockAllocator(num_blocks=8, block_size=BS)
     toks = list(range(1, 14))
-    alloc.acquire_prefix(1, toks)
+    _acquire(alloc, 1, toks)
     assert alloc.ensure_capacity(1, len(toks))
     alloc.commit(1, toks[:3])
     assert alloc.debug_state().cached == ()
@@ -309,8 +317,8 @@ def test_hash_collisions_never_share_kv() -> None:
     assert hash(tuple(a[:4])) == hash(tuple(b[:4]))
     alloc = BlockAllocator(num_blocks=8, block_size=BS)
     _prefill(alloc, 1, a)
-    assert alloc.acquire_prefix(2, b) == 0
-    assert alloc.acquire_prefix(3, a) == 4
+    assert _acquire(alloc, 2, b) == 0
+    assert _acquire(alloc, 3, a) == 4
 
 
 def test_rewriting_a_committed_position_forgets_its_hashes() -> None:
@@ -325,14 +333,14 @@ def test_rewriting_a_committed_position_forgets_its_hashes() -> None:
     new = toks[:5] + [99] * 7
     alloc.commit(1, new)
     alloc.free(1)
-    assert alloc.acquire_prefix(2, toks + [0]) == 4
-    assert alloc.acquire_prefix(3, new + [0]) == 12
+    assert _acquire(alloc, 2, toks + [0]) == 4
+    assert _acquire(alloc, 3, new + [0]) == 12
 
 
 def test_prefix_caching_disabled() -> None:
     alloc = BlockAllocator(num_blocks=8, block_size=BS, enable_prefix_caching=False)
     _prefill(alloc, 1, [1] * 12)
-    assert alloc.acquire_prefix(2, [1] * 12) == 0
+    assert _acquire(alloc, 2, [1] * 12) == 0
     alloc.free(1)
     alloc.free(2)
     assert alloc.usage() == PoolUsage(total=7, used=0, cached=0, free=7)
@@ -340,9 +348,9 @@ def test_prefix_caching_disabled() -> None:
 
 def test_misuse_is_reported() -> None:
     alloc = BlockAllocator(num_blocks=4, block_size=BS)
-    alloc.acquire_prefix(1, [1])
+    _acquire(alloc, 1, [1])
     with pytest.raises(ValueError):
-        alloc.acquire_prefix(1, [1])
+        alloc.admit(1, [], 1)
     with pytest.raises(ValueError):
         alloc.fork(1, 1)  # the child already exists
     with pytest.raises(KeyError):
@@ -409,21 +417,22 @@ class AllocatorMachine(RuleBasedStateMachine):
             prompt = (base[:cut] + fresh)[:40]
         self.history.append(prompt)
         sid = self._new_id()
-        hit = self.alloc.acquire_prefix(sid, prompt)
-        assert hit % BS == 0 and hit <= (len(prompt) - 1) // BS * BS
-        table = self.alloc.block_table(sid)
-        assert len(table) * BS == hit
+        before = self.alloc.debug_state()
+        prefix = self.alloc.match_prefix(prompt)  # a lookup: takes nothing
+        assert self.alloc.debug_state() == before
+        hit = len(prefix) * BS
+        assert hit <= (len(prompt) - 1) // BS * BS
         if hit:
             event("prefix hit")
-        for i, block in enumerate(table):  # the property that matters: hits serve correct KV
+        for i, block in enumerate(prefix):  # the property that matters: hits serve correct KV
             want = [tuple(prompt[: i * BS + o + 1]) for o in range(BS)]
             assert self.content[block] == want, f"prefix hit on block {block} with wrong KV"
-        before = self.alloc.debug_state()
-        if not self.alloc.ensure_capacity(sid, len(prompt)):
-            assert self.alloc.debug_state() == before
+        can = self.alloc.can_admit(prefix, len(prompt))
+        if not self.alloc.admit(sid, prefix, len(prompt), looked_up=len(prompt)):
+            assert not can and self.alloc.debug_state() == before  # all or nothing
             event("admission refused")
-            self.alloc.free(sid)  # the scheduler gives up on (or defers) the request
             return
+        assert can and self.alloc.block_table(sid)[: len(prefix)] == prefix
         self.tokens[sid] = list(prompt[:hit])
         for start in range(hit, len(prompt), chunk):  # chunked prefill, committing each chunk
             for pos in range(start, min(start + chunk, len(prompt))):

@@ -17,7 +17,8 @@ from onnx import TensorProto, helper
 
 from edgert.bundle import Bundle
 from edgert.engine import LLM
-from edgert.evaluate import (
+from edgert.sampling_params import SamplingParams
+from edgert.tools.evaluate import (
     CachedScorer,
     EvalConfig,
     GraphScorer,
@@ -26,7 +27,6 @@ from edgert.evaluate import (
     evaluate_tokens,
     format_summary,
 )
-from edgert.sampling_params import SamplingParams
 from export.bundle_writer import write_bundle
 from export.calibration import CalibConfig, calibrate
 from export.checkpoint import Checkpoint

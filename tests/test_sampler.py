@@ -13,8 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgert import sampler
-from edgert.sampler import SamplerRow, apply_penalties, logprobs_of, sample, uniforms
+from edgert.sample import sampler
+from edgert.sample.logprobs import logprobs_of
+from edgert.sample.sampler import SamplerRow, apply_penalties, sample, uniforms
 from edgert.sampling_params import SamplingParams
 
 V_BIG = 49152

@@ -341,8 +341,8 @@ def test_backpressure_429_in_process(smollm2_bundle, tmp_path):
     running sequence, one waiting, the third is refused."""
     from edgert.client import AsyncClient, Overloaded
     from edgert.engine import EngineConfig, LLMEngine
-    from edgert.server import ServeOptions, Service
-    from edgert.systemd import Notifier
+    from edgert.serve.app import ServeOptions, Service
+    from edgert.serve.systemd import Notifier
 
     engine = LLMEngine(smollm2_bundle, EngineConfig(kv_memory=16 << 20, max_num_seqs=1,
                                                     max_waiting=1, max_model_len=512))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgert.tokenizer import Tokenizer
+from edgert.text.tokenizer import Tokenizer
 from tests.paged_runner import PagedRunner
 
 PROMPTS = [

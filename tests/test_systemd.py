@@ -184,8 +184,8 @@ def test_watchdog_withheld_when_the_engine_dies(smollm2_bundle, tmp_path):
     """The watchdog pings only while the engine loop is alive and turning: once it is gone,
     the pings stop (systemd would restart the service) and the API answers 503."""
     from edgert.engine import EngineConfig, LLMEngine
-    from edgert.server import ServeOptions, Service
-    from edgert.systemd import Notifier, run_watchdog
+    from edgert.serve.app import ServeOptions, Service
+    from edgert.serve.systemd import Notifier, run_watchdog
 
     engine = LLMEngine(smollm2_bundle, EngineConfig(kv_memory=16 << 20, max_model_len=256))
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -281,8 +281,8 @@ def test_socket_activation(smollm2_bundle, tmp_path):
 # ---- access ------------------------------------------------------------------------------------
 
 def test_socket_mode_group_and_peer_allow_list(tmp_path):
-    from edgert.server import ServeOptions, Service
-    from edgert.systemd import Notifier
+    from edgert.serve.app import ServeOptions, Service
+    from edgert.serve.systemd import Notifier
 
     sock = tmp_path / "p.sock"
 
@@ -312,8 +312,9 @@ def test_socket_mode_group_and_peer_allow_list(tmp_path):
 
 
 def test_refusals_at_start(tmp_path):
-    from edgert.server import ServeError, ServeOptions, Service
-    from edgert.systemd import Notifier
+    from edgert.serve.app import ServeOptions, Service
+    from edgert.serve.systemd import Notifier
+    from edgert.serve.transport import ServeError
 
     async def opened(**opts) -> list[str]:
         svc = Service(ServeOptions(**opts), notifier=Notifier(""))

@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 from edgert.outputs import RequestOutput
 
 if TYPE_CHECKING:
-    from edgert.async_engine import AsyncEngine
+    from edgert.engine.async_engine import AsyncEngine
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

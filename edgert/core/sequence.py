@@ -1,5 +1,6 @@
 """One sequence being generated: the unit the scheduler batches. A request with n > 1 choices
-becomes n sequences that share their prompt's blocks after the prompt is computed."""
+becomes n sequences that share their prompt's blocks after the prompt is computed. The
+scheduler is the only one that changes a sequence; everything else reads it."""
 
 from __future__ import annotations
 
@@ -48,6 +49,17 @@ class Sequence:
     @property
     def is_decoding(self) -> bool:
         return self.num_uncomputed == 1
+
+    @property
+    def seats(self) -> int:
+        """Places in the running batch this sequence stands for: a first choice whose prompt is
+        not computed yet also holds the places of the n - 1 choices it will fork into."""
+        return self.params.n if self.index == 0 and not self.output_ids else 1
+
+    @property
+    def rank(self) -> tuple[int, float, int]:
+        """Scheduling order: priority (lower first), then arrival, then id."""
+        return self.params.priority, self.arrival, self.seq_id
 
     @property
     def wants_prompt_logprobs(self) -> bool:

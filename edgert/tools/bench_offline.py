@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from edgert.engine import EngineConfig, LLMEngine
+from edgert.config import EngineConfig
+from edgert.engine.llm_engine import LLMEngine
 from edgert.sampling_params import SamplingParams
 
 
@@ -44,7 +45,7 @@ def workload(tokenizer, n: int, mean_len: int, dist: str, seed: int = 0) -> list
     import random
     from pydoc_data.topics import topics
 
-    from edgert.bench_serve import draw_length
+    from edgert.tools.bench_serve import draw_length
 
     text = "\n".join(topics[k] for k in sorted(topics))
     ids = tokenizer.encode(text, add_special_tokens=False)

@@ -53,7 +53,7 @@ in numpy uint64 arithmetic (a splitmix64 stream seeded by the hashed seed, read 
 recomputation. Measured here for 16 rows: ~0.02 ms for the vectorised hash against ~0.25 ms for
 `np.random.default_rng([seed, step]).random()` per row, so the hash is used.
 
-Logprobs are "raw" (vLLM's default): log_softmax of the model's logits before penalties,
+Logprobs are "raw" (see sample/logprobs.py): log_softmax of the model's logits before penalties,
 temperature and filtering, so they describe the model, not the sampling knobs.
 """
 
@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgert.outputs import TokenLogprob
+from edgert.sample.logprobs import logsumexp_rows, top_sorted
 from edgert.sampling_params import SamplingParams
 
 # Candidate widths tried before the full vocabulary; a row starts at the first width >= its top_k.
@@ -73,7 +73,6 @@ _U64 = np.uint64
 _GOLDEN = _U64(0x9E3779B97F4A7C15)
 _MIX1 = _U64(0xBF58476D1CE4E5B9)
 _MIX2 = _U64(0x94D049BB133111EB)
-_LOW32 = _U64(0xFFFFFFFF)
 _BLOCK = 512  # block width of the two-level CDF used for unfiltered rows
 # Below this temperature a row is greedy (vLLM's _SAMPLING_EPS): l / T would overflow float32 to
 # inf (then NaN) long before T reaches 0, and the limit of the distribution is the argmax anyway.
@@ -123,54 +122,6 @@ def uniforms(seeds: np.ndarray, steps: np.ndarray) -> np.ndarray:
     state = _splitmix64(np.asarray(seeds, dtype=np.uint64))
     h = _splitmix64(state + (np.asarray(steps, dtype=np.uint64) + _U64(1)) * _GOLDEN)
     return (h >> _U64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
-
-
-def _desc_keys(vals: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """uint64 keys whose ascending order is (value descending, id ascending).
-
-    Sorting one uint64 array is far cheaper than a stable argsort or a lexsort, and it pins the
-    order of tied values, which keeps results independent of the partition algorithm."""
-    bits = (np.asarray(vals, dtype=np.float32) + np.float32(0.0)).view(np.int32)  # -0.0 -> +0.0
-    # Positive floats: flip the magnitude bits (bigger -> smaller key); negatives keep their bits,
-    # which already grow with the magnitude and sort after every positive thanks to the sign bit.
-    flip = np.invert(bits >> 31)
-    flip &= np.int32(0x7FFFFFFF)
-    flip ^= bits
-    keys = flip.view(np.uint32).astype(np.uint64)
-    keys <<= _U64(32)
-    keys |= ids.view(np.uint64) if ids.dtype == np.int64 else ids.astype(np.uint64)
-    return keys
-
-
-def _top_sorted(x: np.ndarray, c: int) -> np.ndarray:
-    """Ids of the first `c` tokens of each row in reference order (value desc, id asc), exactly.
-
-    argpartition picks an arbitrary subset of the values tied at the boundary; rows where that
-    happens are repaired with one O(V) numpy pass each (common only for fp16-quantised logits)."""
-    n, v = x.shape
-    if c >= v:
-        keys = _desc_keys(x, np.arange(v, dtype=np.int64))  # ids broadcast in the final OR
-        keys.sort(axis=1)
-        keys &= _LOW32
-        return keys.view(np.int64)
-    part = np.argpartition(x, v - c, axis=1)[:, v - c :]
-    bound = np.take_along_axis(x, part, axis=1).min(axis=1)
-    n_ge = np.count_nonzero(x >= bound[:, None], axis=1)
-    for r in np.flatnonzero(n_ge > c):
-        above = np.flatnonzero(x[r] > bound[r])
-        tied = np.flatnonzero(x[r] == bound[r])[: c - above.size]
-        part[r] = np.concatenate([above, tied])
-    keys = _desc_keys(np.take_along_axis(x, part, axis=1), part)
-    keys.sort(axis=1)
-    keys &= _LOW32
-    return keys.view(np.int64)
-
-
-def _logsumexp_rows(x: np.ndarray) -> np.ndarray:
-    """float64 log-normaliser per row: logprob(i) = x_i - lse, so a caller that needs k values
-    never materialises the whole log_softmax row."""
-    m = x.max(axis=1)
-    return m + np.log(np.sum(np.exp(x - m[:, None]), axis=1, dtype=np.float64))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,13 +271,13 @@ def _sample_filtered(t: np.ndarray, z_full: np.ndarray, f: _Filters, u: np.ndarr
         if here.size == 0:
             continue
         th = _rows(t, here)
-        decided, tok = _decide_and_draw(_top_sorted(th, c + 1), th, z_full[here], f.take(here),
+        decided, tok = _decide_and_draw(top_sorted(th, c + 1), th, z_full[here], f.take(here),
                                         u[here], sentinel=True)
         out[here[decided]] = tok[decided]
         todo = todo[~np.isin(todo, here[decided])]
     if todo.size:
         tt = _rows(t, todo)
-        _, tok = _decide_and_draw(_top_sorted(tt, v), tt, z_full[todo], f.take(todo), u[todo],
+        _, tok = _decide_and_draw(top_sorted(tt, v), tt, z_full[todo], f.take(todo), u[todo],
                                   sentinel=False)
         out[todo] = tok
     return out
@@ -356,14 +307,14 @@ def sample(logits: np.ndarray, rows: list[SamplerRow]) -> SampleResult:
         return SampleResult(tokens.astype(np.int32), None, None)
     li = np.array(lp_rows)
     xl = _rows(x, li)
-    lse = _logsumexp_rows(xl)
+    lse = logsumexp_rows(xl)
     logprobs = np.full(n, np.nan, dtype=np.float32)
     logprobs[li] = xl[np.arange(li.size), tokens[li]] - lse
     kmax = max(params[i].logprobs or 0 for i in lp_rows)
     top: list[dict[int, float]] | None = None
     if kmax > 0:
         top = [{} for _ in range(n)]
-        best = _top_sorted(xl, kmax)
+        best = top_sorted(xl, kmax)
         for j, i in enumerate(lp_rows):
             ids = best[j, : params[i].logprobs or 0]
             top[i] = dict(zip(ids.tolist(), (xl[j, ids] - lse[j]).tolist(), strict=True))
@@ -392,22 +343,3 @@ def _sample_random(work: np.ndarray, rows: list[SamplerRow]) -> np.ndarray:
     if fi.size:
         drawn[fi] = _sample_filtered(_rows(t, fi), z_full[fi], f.take(fi), u[fi])
     return drawn
-
-
-def logprobs_of(logits: np.ndarray, token_ids: np.ndarray, k: int) -> list[TokenLogprob]:
-    """Raw logprob of `token_ids[i]` under row i of `logits`, plus the k most likely tokens.
-
-    For prompt logprobs (echo): row i is the model's prediction of prompt token i + 1."""
-    x = np.asarray(logits, dtype=np.float32)
-    ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-    if x.ndim != 2 or x.shape[0] != ids.size:
-        raise ValueError(f"logits {x.shape} do not match {ids.size} token ids")
-    if ids.size == 0:
-        return []
-    lse = _logsumexp_rows(x)
-    chosen = (x[np.arange(ids.size), ids] - lse).tolist()
-    best = _top_sorted(x, k) if k > 0 else np.zeros((ids.size, 0), dtype=np.int64)
-    return [
-        TokenLogprob(int(t), c, dict(zip(b.tolist(), (x[i, b] - lse[i]).tolist(), strict=True)))
-        for i, (t, c, b) in enumerate(zip(ids, chosen, best, strict=True))
-    ]

@@ -5,9 +5,8 @@ source) the top-1 agreement and mean KL divergence of the next-token distributio
 bundle's size and the peak resident memory of a process generating with it.
 
 The text is Python's own documentation (`pydoc_data.topics`, in every CPython), split by topic into
-a calibration part (used by the exporter) and a held-out part (used here), so no model is ever
-scored on text it was calibrated on. The split lives here, in the runtime package, because both
-halves need it and `edgert/` must not import `export/`.
+a calibration part (the exporter's, export/texts.py) and a held-out part (scored here), so no model
+is ever scored on text it was calibrated on.
 
 Windows are fed straight through the bundle's graph with a throwaway pool (context 0, one null
 block), every scored position through the LM head via `logits_indices`; the engine's scheduler is
@@ -37,28 +36,10 @@ from edgert.bundle import Bundle
 from edgert.model_config import ModelConfig
 
 # Topic i of the sorted pydoc topics is held out iff i % HELDOUT_EVERY == HELDOUT_SLOT: a quarter
-# of the text (~34k SmolLM2 tokens), spread over the whole alphabet of topics.
+# of the text (~34k SmolLM2 tokens), spread over the whole alphabet of topics. The exporter
+# calibrates on the other three quarters (export/texts.py states the same split).
 HELDOUT_EVERY = 4
 HELDOUT_SLOT = 1
-
-# Perplexity may rise by at most this much (relative to the fp32 reference) before `edgert export`
-# refuses a bundle. Keyed by (precision, flavour, symmetric); measured on SmolLM2-135M (README).
-QUALITY_GATES: dict[tuple[str, str, bool], float] = {
-    ("fp16", "portable", True): 0.005,
-    ("fp16", "cpu", True): 0.005,
-    ("int8", "cpu", True): 0.01,
-    ("int8", "portable", True): 0.03,
-    ("int4", "cpu", False): 0.05,
-    ("int4", "cpu", True): 0.15,
-    ("int4", "portable", True): 0.15,
-}
-
-
-def quality_gate(precision: str, flavour: str, symmetric: bool) -> float | None:
-    """Allowed relative perplexity rise for a configuration; None when there is none (fp32)."""
-    if precision == "fp32":
-        return None
-    return QUALITY_GATES.get((precision, flavour, symmetric))
 
 
 def _topics() -> list[tuple[str, str]]:
@@ -67,21 +48,13 @@ def _topics() -> list[tuple[str, str]]:
     return [(k, topics[k]) for k in sorted(topics)]
 
 
-def _calibration_topics() -> list[str]:
-    return [t for i, (_, t) in enumerate(_topics()) if i % HELDOUT_EVERY != HELDOUT_SLOT]
-
-
 def heldout_text() -> str:
     """The evaluation text: never used for calibration. A topic whose text also appears inside
     a calibration topic (pydoc repeats some, e.g. 'else' within 'if') is left out."""
-    calib = _calibration_topics()
-    return "\n\n".join(t for i, (_, t) in enumerate(_topics())
+    topics = _topics()
+    calib = [t for i, (_, t) in enumerate(topics) if i % HELDOUT_EVERY != HELDOUT_SLOT]
+    return "\n\n".join(t for i, (_, t) in enumerate(topics)
                        if i % HELDOUT_EVERY == HELDOUT_SLOT and not any(t in c for c in calib))
-
-
-def calibration_text() -> str:
-    """The built-in calibration text: every topic `heldout_text` does not use."""
-    return "\n\n".join(_calibration_topics())
 
 
 @dataclass(frozen=True)
@@ -130,19 +103,20 @@ class GraphScorer:
     """Runs whole windows through a paged-KV graph with a pool holding only the null block: with
     context 0 nothing is read from the pool, so the pool costs nothing."""
 
+    BLOCK = 16  # the throwaway pool's block size (its one block is never read)
+
     def __init__(self, session: Any, io: dict[str, Any], config: ModelConfig,
                  kv_dtype: str = "float32"):
         self.session, self.io, self.config = session, io, config
-        self._block = 16
-        pool = np.zeros((1, config.num_kv_heads, self._block, config.head_dim),
-                        np.dtype(kv_dtype))
+        pool = np.zeros((1, config.num_kv_heads, self.BLOCK, config.head_dim), np.dtype(kv_dtype))
         self._pools = {name: pool for pair in io["pools"] for name in pair}
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, threads: int = 0) -> GraphScorer:
         import onnxruntime as ort
 
-        from edgert.backend_ort import BackendConfig, session_options
+        from edgert.config import BackendConfig
+        from edgert.runner.ort_backend import session_options
 
         opts = session_options(BackendConfig(threads=threads), bundle)
         session = ort.InferenceSession(str(bundle.model_path), opts,
@@ -163,18 +137,16 @@ class GraphScorer:
 
     def logprobs(self, ids: np.ndarray, first_row: int) -> np.ndarray:
         """Log-softmax rows for positions [first_row, len(ids) - 1): row i predicts ids[i+1]."""
+        from edgert.runner.step_inputs import fresh_prefill
+
         t = len(ids)
+        x = fresh_prefill(np.asarray(ids, np.int32)[None], self.BLOCK,
+                          logits_indices=np.arange(first_row, t - 1))
         names = self.io["inputs"]
-        feed = {
-            names["input_ids"]: np.asarray(ids, np.int32)[None],
-            names["positions"]: np.arange(t, dtype=np.int32)[None],
-            names["query_lens"]: np.array([t], np.int32),
-            names["context_lens"]: np.zeros(1, np.int32),
-            names["block_tables"]: np.zeros((1, -(-t // self._block)), np.int32),
-            names["logits_indices"]: np.arange(first_row, t - 1, dtype=np.int32),
-            **self._pools,
-        }
-        logits = self.session.run([self.io["outputs"]["logits"]], feed)[0]
+        feed = {names[key]: getattr(x, key) for key in (
+            "input_ids", "positions", "query_lens", "context_lens", "block_tables",
+            "logits_indices")}
+        logits = self.session.run([self.io["outputs"]["logits"]], {**feed, **self._pools})[0]
         return _log_softmax(logits.astype(np.float32))
 
 
@@ -269,7 +241,7 @@ def heldout_tokens(encode: Callable[[str], list[int]]) -> np.ndarray:
 
 
 def bundle_tokens(bundle: Bundle) -> np.ndarray:
-    from edgert.tokenizer import Tokenizer
+    from edgert.text.tokenizer import Tokenizer
 
     tok = Tokenizer.from_bundle(bundle)
     return heldout_tokens(lambda s: tok.encode(s, add_special_tokens=False))
@@ -313,8 +285,8 @@ def _probe(bundle_path: str, tokens: int, streams: list[int], kv_memory: int,
            threads: int) -> dict[str, Any]:
     """Run in the child: generate `tokens` greedy tokens for 1 and N streams; report peak RSS
     and decode speed. Peak RSS is the process's high-water mark (VmHWM) after generating."""
-    from edgert.backend_ort import BackendConfig
-    from edgert.engine import EngineConfig, LLMEngine
+    from edgert.config import BackendConfig, EngineConfig
+    from edgert.engine.llm_engine import LLMEngine
     from edgert.sampling_params import SamplingParams
 
     base_kib = _status_kib("VmRSS")
@@ -324,7 +296,8 @@ def _probe(bundle_path: str, tokens: int, streams: list[int], kv_memory: int,
     loaded_kib = _status_kib("VmRSS")
     prompt = engine.tokenizer.encode("The history of the Python programming language")
     out: dict[str, Any] = {"python_baseline_kib": base_kib, "after_load_kib": loaded_kib,
-                           "kv_pool_bytes": engine.pool.nbytes, "tokens_per_stream": tokens}
+                           "kv_pool_bytes": engine.block_bytes * engine.allocator.num_blocks,
+                           "tokens_per_stream": tokens}
     for n in streams:
         params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
         warm = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
@@ -354,7 +327,7 @@ def measure_process(bundle: Bundle | str | Path, tokens: int = 64, streams: tupl
     """Peak resident memory (and decode tokens/s) of a fresh process generating with the
     bundle, the way a board would run it."""
     path = str(bundle.path if isinstance(bundle, Bundle) else bundle)
-    code = ("import json, sys; from edgert.evaluate import _probe; "
+    code = ("import json, sys; from edgert.tools.evaluate import _probe; "
             "print(json.dumps(_probe(sys.argv[1], int(sys.argv[2]), "
             "[int(s) for s in sys.argv[3].split(',')], int(sys.argv[4]), int(sys.argv[5]))))")
     proc = subprocess.run(
@@ -435,8 +408,6 @@ def _eval_cmd(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res.to_dict(), indent=2))
     else:
-        q = bundle.manifest.get("quantization") or {}
-        gate = quality_gate(bundle.precision, bundle.graph.get("flavour", "portable"),
-                            bool(q.get("symmetric", True)))
+        gate = (bundle.manifest.get("quantization") or {}).get("gate")
         print(format_summary(res, f"{bundle.name} ({bundle.precision})", gate))
     return 0

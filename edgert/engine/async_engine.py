@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
-from edgert.engine import LLMEngine
+from edgert.engine.llm_engine import LLMEngine
 from edgert.outputs import RequestOutput
 from edgert.sampling_params import SamplingParams
 

@@ -1,5 +1,5 @@
-"""`edgert serve`: the OpenAI-compatible HTTP service over a Unix socket (and optionally TCP on
-loopback), on aiohttp's server.
+"""The HTTP service: the OpenAI-compatible routes, health and metrics on aiohttp, in front of one
+AsyncEngine (transport.py opens its sockets, lifecycle.py runs the process).
 
 One AsyncEngine per process; each HTTP request is its own aiohttp handler task that iterates
 the engine's output stream. A client that goes away cancels its handler (handler_cancellation),
@@ -16,16 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import grp
-import ipaddress
 import json
 import logging
-import os
-import signal
-import socket
-import stat
-import struct
-import sys
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -33,41 +25,30 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
-from edgert.async_engine import AsyncEngine, EngineDead
-from edgert.engine import EngineConfig, LLMEngine
-from edgert.metrics import CONTENT_TYPE, ServerMetrics
-from edgert.openai_api import (
+from edgert.config import EngineConfig
+from edgert.core.scheduler import RequestRejected
+from edgert.engine.async_engine import AsyncEngine, EngineDead
+from edgert.engine.llm_engine import LLMEngine
+from edgert.outputs import RequestOutput
+from edgert.serve.metrics import CONTENT_TYPE, ServerMetrics
+from edgert.serve.openai_protocol import (
     ApiError,
     GenerationRequest,
     ParseContext,
-    ResponseBuilder,
-    TokenText,
-    models_response,
     parse_chat,
     parse_completion,
     parse_tokenize,
 )
-from edgert.outputs import RequestOutput
-from edgert.scheduler import RequestRejected
-from edgert.systemd import (
-    Notifier,
-    extend_timeout_while,
-    listen_fds,
-    run_watchdog,
-    watchdog_interval,
-)
+from edgert.serve.responses import ResponseBuilder, TokenText, models_response
+from edgert.serve.systemd import Notifier, extend_timeout_while, run_watchdog, watchdog_interval
+from edgert.serve.transport import Listeners, peer_credentials
 
 log = logging.getLogger("edgert.server")
 
 MiB = 1 << 20
 _METHODS = {"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"}
 _T = TypeVar("_T")
-
-
-class ServeError(RuntimeError):
-    """The server refuses to start (socket held by a live server, bad address, ...)."""
 
 
 @dataclass
@@ -102,7 +83,10 @@ class Service:
         self._ctx: ParseContext | None = None
         self._token_text: TokenText | None = None
         self._runner: web.AppRunner | None = None
-        self._created_socket: tuple[str, int, int] | None = None  # path, st_dev, st_ino
+        self._listeners = Listeners(options.socket_path, options.socket_group,
+                                    options.socket_mode, options.listen,
+                                    options.listen_any_address,
+                                    bool(options.allow_uids or options.allow_gids))
         self._watchdog: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[Any]] = set()  # requests being answered
         self._force = asyncio.Event()
@@ -161,13 +145,11 @@ class Service:
         opts = self.options
         if not opts.allow_uids and not opts.allow_gids:
             return
-        transport = request.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if sock is None or sock.family != socket.AF_UNIX:
+        creds = peer_credentials(request.transport)
+        if creds is None:
             raise ApiError(403, "peer credentials are unavailable on this connection",
                            None, "forbidden")
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, gid = struct.unpack("3i", creds)
+        _pid, uid, gid = creds
         if uid not in opts.allow_uids and gid not in opts.allow_gids:
             raise ApiError(403, f"peer uid {uid} / gid {gid} is not allowed on this socket",
                            None, "forbidden")
@@ -335,7 +317,7 @@ class Service:
     async def open(self) -> list[str]:
         """Bind (or take from systemd) the listening sockets and start answering; returns the
         sites' names. Generation answers 503 until `attach`/`load`."""
-        sockets = self._sockets()
+        sockets = self._listeners.open()
         self._runner = web.AppRunner(self.app, handle_signals=False, handler_cancellation=True,
                                      shutdown_timeout=2.0,
                                      access_log=log if self.options.access_log else None)
@@ -421,7 +403,7 @@ class Service:
             self._watchdog.cancel()
         if self.aengine is not None:
             await self.aengine.stop()
-        self._remove_socket()
+        self._listeners.remove_socket()
         self.notifier.close()
 
     async def _finish_inflight(self) -> None:
@@ -449,135 +431,6 @@ class Service:
     def force_stop(self) -> None:
         """Stop waiting for in-flight requests (a second SIGTERM/SIGINT)."""
         self._force.set()
-
-    # ---- sockets -------------------------------------------------------------------------
-    def _sockets(self) -> list[socket.socket]:
-        opts = self.options
-        socks = listen_fds()
-        if socks:
-            log.info("socket activation: %d socket(s) from systemd%s", len(socks),
-                     "; --socket/--listen are not used" if opts.socket_path or opts.listen
-                     else "")
-        try:
-            if not socks:
-                if opts.socket_path:
-                    socks.append(self._bind_unix(opts.socket_path))
-                if opts.listen:
-                    socks.append(_bind_tcp(opts.listen, opts.listen_any_address))
-            if not socks:
-                raise ServeError("nothing to listen on: give --socket PATH and/or --listen "
-                                 "HOST:PORT (or run under systemd socket activation)")
-            if (opts.allow_uids or opts.allow_gids) and any(
-                    s.family != socket.AF_UNIX for s in socks):
-                raise ServeError("--allow-uid/--allow-gid are checked with SO_PEERCRED, which "
-                                 "TCP does not have; drop the allow-list or the TCP listener")
-        except BaseException:
-            for s in socks:
-                s.close()
-            self._remove_socket()
-            raise
-        return socks
-
-    def _bind_unix(self, path: str) -> socket.socket:
-        _clear_stale_socket(path)
-        gid = _group_id(self.options.socket_group) if self.options.socket_group else None
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # Bind under a umask that leaves the owner alone, so the file is never wider than
-        # intended even for a moment; then set the final group and mode.
-        old = os.umask(0o177)
-        try:
-            sock.bind(path)
-        except OSError as e:
-            sock.close()
-            raise ServeError(f"cannot bind {path}: {e.strerror}") from None
-        finally:
-            os.umask(old)
-        st = os.stat(path)
-        self._created_socket = (path, st.st_dev, st.st_ino)
-        try:
-            if gid is not None:
-                os.chown(path, -1, gid)
-            os.chmod(path, self.options.socket_mode)
-        except OSError as e:
-            sock.close()
-            self._remove_socket()
-            raise ServeError(f"cannot set the group/mode of {path}: {e.strerror}") from None
-        sock.listen(512)
-        log.info("listening on unix:%s", path)
-        return sock
-
-    def _remove_socket(self) -> None:
-        """Remove the socket file only if it is still the one this process created: never one
-        systemd passed us, nor one a successor has bound since."""
-        if self._created_socket is None:
-            return
-        path, dev, ino = self._created_socket
-        self._created_socket = None
-        with contextlib.suppress(OSError):
-            st = os.lstat(path)
-            if (st.st_dev, st.st_ino) == (dev, ino):
-                os.unlink(path)
-
-
-def _clear_stale_socket(path: str) -> None:
-    """A socket file nobody listens on (a crashed server's) is replaced; one a live server
-    holds is not stolen; anything that is not a socket is left alone."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ServeError(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(2.0)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        log.warning("replacing stale socket %s (nobody is listening on it)", path)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        return
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        raise ServeError(f"{path}: cannot tell whether a server holds this socket "
-                         f"({e.strerror or e}); refusing to replace it") from None
-    finally:
-        probe.close()
-    raise ServeError(f"{path}: another server is listening on this socket; stop it first or "
-                     "choose another --socket")
-
-
-def _group_id(group: str) -> int:
-    if group.isdigit():
-        return int(group)
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise ServeError(f"--socket-group: no group named {group!r}") from None
-
-
-def _bind_tcp(listen: str, any_address: bool) -> socket.socket:
-    host, sep, port_text = listen.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
-        raise ServeError(f"--listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8000")
-    port = int(port_text)
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise ServeError(f"--listen {listen!r}: {e.strerror}") from None
-    loopback = all(ipaddress.ip_address(str(i[4][0]).split("%")[0]).is_loopback for i in infos)
-    if not loopback and not any_address:
-        raise ServeError(f"--listen {listen!r} is not a loopback address; TCP has no access "
-                         "control here, so pass --listen-any-address to expose it anyway")
-    family, _, _, _, addr = infos[0]
-    try:
-        sock = socket.create_server(addr[:2], family=family, backlog=512)
-    except OSError as e:
-        raise ServeError(f"--listen {listen!r}: {e.strerror}") from None
-    log.info("listening on tcp:%s", listen)
-    return sock
 
 
 def _load_engine(bundle: str, config: EngineConfig, warmup: bool) -> LLMEngine:
@@ -650,96 +503,3 @@ async def _send(resp: web.StreamResponse, builder: ResponseBuilder,
     await resp.write(_sse(builder.chunk([entry], usage)))
 
 
-# ---- the entry point -------------------------------------------------------------------------
-
-async def _serve(bundle: str, config: EngineConfig, options: ServeOptions,
-                 service: Service) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-
-    def on_signal() -> None:
-        if stop.is_set():
-            log.warning("second signal: not waiting for in-flight requests any longer")
-            service.force_stop()
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
-    await service.open()
-    code = 0
-    try:
-        load = asyncio.create_task(service.load(bundle, config))
-        stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if not load.done():
-            log.info("stopping while the model loads")
-            load.cancel()
-        else:
-            load.result()  # a load error ends here, after the cleanup below
-            # A dead engine loop cannot come back: exit non-zero so that Restart=on-failure
-            # (or any supervisor) starts a fresh process, watchdog or not.
-            while not stop.is_set():
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(stopped), 1.0)
-                if service.aengine is not None and not service.aengine.alive \
-                        and not stop.is_set():
-                    log.error("the engine loop died (%r): exiting 1",
-                              service.aengine.error)
-                    code = 1
-                    break
-            else:
-                log.info("signal received: shutting down")
-    finally:
-        await service.drain()
-    return code
-
-
-class _MalformedHttpFilter(logging.Filter):
-    """aiohttp answers a request its parser rejects with 400 and logs it at ERROR with a
-    traceback: from a broken or hostile client that is noise, and a way to flood the journal.
-    Such records are dropped here and counted in edgert_http_malformed_total instead."""
-
-    def __init__(self, metrics: ServerMetrics):
-        super().__init__()
-        self._metrics = metrics
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            self._metrics.malformed.inc()
-            return False
-        return True
-
-
-def serve(bundle: str, config: EngineConfig, options: ServeOptions) -> int:
-    """Run the server until SIGTERM/SIGINT; 0 after a clean drain."""
-    service = Service(options)
-    logging.getLogger("aiohttp.server").addFilter(_MalformedHttpFilter(service.metrics))
-    try:
-        code = asyncio.run(_serve(bundle, config, options, service))
-    except ServeError as e:
-        print(f"edgert serve: error: {e}", file=sys.stderr)
-        return 1
-    if service.loader is not None and service.loader.is_alive():
-        # Stopped mid-load: the loader thread is inside ORT; do not run interpreter teardown
-        # under it.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
-
-
-def serve_from_args(args: Any) -> int:
-    """`edgert serve` (argument parsing lives in edgert.cli)."""
-    from edgert.cli import engine_config_from_args
-
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = ServeOptions(
-        socket_path=args.socket, socket_group=args.socket_group, listen=args.listen,
-        listen_any_address=args.listen_any_address,
-        allow_uids=frozenset(args.allow_uid or ()), allow_gids=frozenset(args.allow_gid or ()),
-        grace=args.grace, max_body_size=args.max_body_size,
-        served_model_name=args.served_model_name, warmup=not args.no_warmup,
-        access_log=args.access_log)
-    return serve(args.bundle, engine_config_from_args(args), options)

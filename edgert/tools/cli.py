@@ -9,97 +9,11 @@ import sys
 from importlib.metadata import entry_points
 
 from edgert.bundle import Bundle, BundleError
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20,
-          "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
-
-
-def parse_memory(text: str, available: int | None = None) -> int:
-    """'512MiB', '1.5G', '1048576', or '25%' of `available` (default: MemAvailable now)."""
-    t = text.strip().lower()
-    if t.endswith("%"):
-        frac = float(t[:-1]) / 100
-        if not 0 < frac <= 0.9:
-            raise ValueError(f"--kv-memory {text}: a percentage must be in (0, 90]")
-        return int((_mem_available() if available is None else available) * frac)
-    num = t.rstrip("kmgib")
-    unit = t[len(num):]
-    if unit not in _UNITS:
-        raise ValueError(f"--kv-memory {text}: unknown unit (use KiB, MiB, GiB)")
-    try:
-        return int(float(num) * _UNITS[unit])
-    except ValueError:
-        raise ValueError(f"--kv-memory {text}: not a size") from None
-
-
-def _mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no MemAvailable in /proc/meminfo")
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """The runtime's options, shared by generate, serve and bench."""
-    g = p.add_argument_group("engine")
-    g.add_argument("--kv-memory", default=None,
-                   help="KV pool size, allocated once at start: bytes with a unit (512MiB) or a "
-                        "percentage (25%%) of the memory left after the weights on --device, "
-                        "else of the memory available now. Default: 90%% of the device's free "
-                        "memory with --device, else 256MiB")
-    g.add_argument("--device", default=None,
-                   help="device profile (devices/*.json: orin-nano-8gb, t4-16gb, ...) that "
-                        "sizes the pool and the limits")
-    g.add_argument("--block-size", type=int, default=None,
-                   help="tokens per KV block (default: the bundle's)")
-    g.add_argument("--max-num-seqs", type=int, default=16,
-                   help="sequences decoded together per step (default 16)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=256,
-                   help="prefill tokens per step, so a long prompt cannot stall decoding "
-                        "(default 256)")
-    g.add_argument("--max-model-len", type=int, default=None,
-                   help="prompt + output limit per sequence (default: the model's context)")
-    g.add_argument("--max-waiting", type=int, default=256,
-                   help="queued requests beyond which new ones get 429 (default 256)")
-    g.add_argument("--no-prefix-caching", action="store_true",
-                   help="do not reuse KV blocks of identical prompt prefixes")
-    g.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
-                   help="ONNX Runtime execution provider (default cpu)")
-    g.add_argument("--threads", type=int, default=0,
-                   help="ONNX Runtime intra-op threads (default: one per core)")
-    g.add_argument("--spinning", action="store_true",
-                   help="let ORT worker threads spin between ops (off: on 2 cores spinning "
-                        "starves the server's event loop)")
-    g.add_argument("--no-verify", action="store_true",
-                   help="skip the bundle's sha256 verification at load")
-
-
-def engine_config_from_args(args: argparse.Namespace):
-    from edgert.backend_ort import BackendConfig
-    from edgert.engine import EngineConfig
-
-    kv_memory = parse_memory(args.kv_memory or "256MiB")
-    if args.device:
-        import devices
-
-        profile = devices.load(args.device)
-        weights = Bundle.load(args.bundle, verify=False).weights_bytes()
-        free = profile.kv_budget(weights, fraction=1.0)
-        kv_memory = parse_memory(args.kv_memory or "90%", available=free)
-        if args.max_model_len is None:
-            args.max_model_len = profile.max_model_len
-    return EngineConfig(
-        kv_memory=kv_memory, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        max_waiting=args.max_waiting, enable_prefix_caching=not args.no_prefix_caching,
-        backend=BackendConfig(provider=args.provider, threads=args.threads,
-                              allow_spinning=args.spinning),
-        verify_bundle=not args.no_verify)
+from edgert.config import add_engine_args, engine_config_from_args, parse_memory
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from edgert.engine import LLMEngine
+    from edgert.engine.llm_engine import LLMEngine
     from edgert.sampling_params import SamplingParams
 
     engine = LLMEngine(args.bundle, engine_config_from_args(args))
@@ -130,26 +44,26 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from edgert.info import describe
+    from edgert.tools.info import describe
 
     print(describe(Bundle.load(args.bundle, verify=not args.no_verify)))
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from edgert.server import serve_from_args
+    from edgert.serve.lifecycle import serve_from_args
 
     return serve_from_args(args)
 
 
 def _bench(args: argparse.Namespace) -> int:
     if args.offline:
-        from edgert import bench_offline
+        from edgert.tools import bench_offline
 
         if not args.bundle:
             raise ValueError("--offline needs a BUNDLE")
         return bench_offline.main(args, engine_config_from_args(args))
-    from edgert.bench_serve import bench_from_args
+    from edgert.tools.bench_serve import bench_from_args
 
     return bench_from_args(args)
 
@@ -228,10 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--socket", metavar="PATH", help="the server's Unix socket")
     target.add_argument("--url", help="the server's base URL instead, e.g. http://127.0.0.1:8000")
     p.set_defaults(func=_bench)
-    from edgert.bench_serve import add_bench_args
+    from edgert.tools.bench_serve import add_bench_args
 
     add_bench_args(p)
-    from edgert.evaluate import register_eval
+    from edgert.tools.evaluate import register_eval
 
     register_eval(sub)
     for ep in entry_points(group="edgert.commands"):

@@ -1,11 +1,12 @@
-"""The paged KV cache: one preallocated pool of KV blocks plus the bookkeeping of who owns them.
+"""Who owns which KV block: block tables, reference counts and the prefix cache, as pure
+bookkeeping (no tensors). The memory itself belongs to the backend (runner/), so the scheduler
+can plan a step (admission, preemption, copy-on-write) without touching it, and this can be
+tested exhaustively without allocating a pool.
 
-Two halves on purpose. `KVPool` is the memory: a single zero-initialised numpy array sized once from
-the memory budget and never grown, so an edge board's fixed budget can never be overrun by the
-cache, and so backends can bind per-layer views zero-copy. `BlockAllocator` is pure bookkeeping
-(no tensors): block tables, reference counts and the prefix cache. Keeping the two apart lets the
-scheduler plan a step (admission, preemption, copy-on-write) without touching memory, and lets the
-bookkeeping be tested exhaustively without allocating a pool.
+Admission is two-phase: `match_prefix` looks up the cached prefix of a prompt WITHOUT taking
+references, and `admit` takes the prefix references and the new blocks together, all or
+nothing. A sequence that waits therefore never owns a block, which is what keeps a small pool
+under a shared system prompt from deadlocking (issue 8).
 
 Block 0 is the reserved null block (see DESIGN.md, "The paged-KV calling convention"): block tables
 are padded with 0, so block 0 must stay all-zero forever. It is never allocated, freed, cached,
@@ -20,15 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
-import numpy.typing as npt
-
 __all__ = [
     "AllocatorState",
     "AllocatorStats",
     "BlockAllocator",
     "CachedBlock",
-    "KVPool",
     "NoFreeBlocks",
     "PoolUsage",
 ]
@@ -53,182 +50,6 @@ class PoolUsage:
     cached: int  # unreferenced blocks that still hold a reusable prefix (evictable, LRU)
     free: int  # unreferenced, holding nothing reusable
 
-
-# --------------------------------------------------------------------------------------------------
-# The memory
-# --------------------------------------------------------------------------------------------------
-
-
-class KVPool:
-    """The preallocated KV memory: ONE array [num_layers, 2, num_blocks, kv_heads, block_size,
-    head_dim], zero-initialised and never grown. Heads before slots, so the graph's GatherND of
-    (block, head) slices yields the past already in the attention GEMMs' layout.
-
-    One array rather than one per layer so that the graph's new K/V for all layers lands with a
-    single vectorised assignment per step, and so that a device backend can register one buffer.
-    Per-layer views (`key`, `value`) are contiguous, which is what zero-copy binding requires.
-    """
-
-    def __init__(
-        self,
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-        block_size: int,
-        num_blocks: int,
-        dtype: npt.DTypeLike = np.float32,
-    ) -> None:
-        for name, v in (
-            ("num_layers", num_layers),
-            ("num_kv_heads", num_kv_heads),
-            ("head_dim", head_dim),
-            ("block_size", block_size),
-        ):
-            if v < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
-        if num_blocks < 2:
-            raise ValueError(
-                f"num_blocks must be >= 2 (block 0 is the reserved null block), got {num_blocks}"
-            )
-        self.num_layers = num_layers
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.block_size = block_size
-        self.num_blocks = num_blocks
-        self.dtype = np.dtype(dtype)
-        # np.zeros: the null block must read as zeros, and zero pages are cheap to map lazily.
-        self._data = np.zeros(
-            (num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim), dtype=self.dtype
-        )
-        # Views with every (layer, k/v) plane first, so `write` and `copy_blocks` are one
-        # fancy-index assignment over all layers at once.
-        self._heads = self._data.reshape(num_layers * 2, num_blocks, num_kv_heads, block_size,
-                                         head_dim)
-        self._blocks = self._data.reshape(num_layers * 2, num_blocks, -1)
-        assert np.shares_memory(self._heads, self._data)  # a copy here would silently drop writes
-
-    @staticmethod
-    def bytes_per_block(
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-        block_size: int,
-        dtype: npt.DTypeLike,
-    ) -> int:
-        """Bytes one block costs across all layers, K and V; the unit of the memory budget."""
-        itemsize = np.dtype(dtype).itemsize
-        return num_layers * 2 * block_size * num_kv_heads * head_dim * itemsize
-
-    @staticmethod
-    def num_blocks_for_budget(
-        budget_bytes: int,
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-        block_size: int,
-        dtype: npt.DTypeLike,
-    ) -> int:
-        """How many blocks (null block included) fit in `budget_bytes`.
-
-        Raises rather than returning a useless pool: with fewer than two blocks no sequence could
-        ever be admitted, and failing at start-up beats every request waiting forever.
-        """
-        per_block = KVPool.bytes_per_block(num_layers, num_kv_heads, head_dim, block_size, dtype)
-        n = max(int(budget_bytes), 0) // per_block
-        if n < 2:
-            raise ValueError(
-                f"KV budget of {budget_bytes} bytes fits {n} block(s) of {per_block} bytes "
-                f"({num_layers} layers x K,V x {block_size} tokens x {num_kv_heads} kv heads x "
-                f"{head_dim} x {np.dtype(dtype).itemsize} B); at least 2 are needed (block 0 is "
-                f"the reserved null block), i.e. a budget of >= {2 * per_block} bytes"
-            )
-        return n
-
-    @property
-    def data(self) -> np.ndarray:
-        """The whole pool, for backends that register a single buffer."""
-        return self._data
-
-    def key(self, layer: int) -> np.ndarray:
-        """Layer's K pool [num_blocks, kv_heads, block_size, head_dim]: contiguous, so bindable."""
-        return self._data[layer, 0]
-
-    def value(self, layer: int) -> np.ndarray:
-        """Layer's V pool [num_blocks, kv_heads, block_size, head_dim]: contiguous, so bindable."""
-        return self._data[layer, 1]
-
-    @property
-    def nbytes(self) -> int:
-        return int(self._data.nbytes)
-
-    def write(self, new_kv: np.ndarray, slot_mapping: np.ndarray) -> None:
-        """Scatter the graph's new K/V into the pool, all layers in one assignment.
-
-        `new_kv` is [L, 2, S, T, kv_heads, head_dim]; `slot_mapping` [S, T] gives each token's flat
-        slot (block_id * block_size + offset) or -1 for padding. Padded rows hold finite garbage
-        (see the masking rule in DESIGN.md), so they must never reach the pool. Slots inside the
-        null block are refused because the whole convention relies on block 0 staying zero.
-        """
-        L, kvh, d = self.num_layers, self.num_kv_heads, self.head_dim
-        if new_kv.ndim != 6 or new_kv.shape[:2] != (L, 2) or new_kv.shape[4:] != (kvh, d):
-            raise ValueError(f"new_kv must be [{L}, 2, S, T, {kvh}, {d}], got {list(new_kv.shape)}")
-        S, T = new_kv.shape[2], new_kv.shape[3]
-        if slot_mapping.shape != (S, T):
-            raise ValueError(
-                f"slot_mapping must be [S, T] = [{S}, {T}] to match new_kv, "
-                f"got {list(slot_mapping.shape)}"
-            )
-        if not np.issubdtype(slot_mapping.dtype, np.integer):
-            raise TypeError(f"slot_mapping must be integer, got {slot_mapping.dtype}")
-        slots = slot_mapping.reshape(-1).astype(np.intp, copy=False)
-        if slots.size == 0:
-            return
-        src = new_kv.reshape(L * 2, S * T, kvh, d)
-        lo = int(slots.min())
-        if lo < 0:
-            if lo < -1:
-                raise ValueError(f"slot_mapping holds {lo}; only -1 (padding) may be negative")
-            valid = slots >= 0
-            slots = slots[valid]
-            if slots.size == 0:
-                return
-            src = src[:, valid]
-            lo = int(slots.min())
-        hi = int(slots.max())
-        if lo < self.block_size or hi >= self.num_blocks * self.block_size:
-            raise ValueError(
-                f"slot_mapping out of range [{self.block_size}, "
-                f"{self.num_blocks * self.block_size}): min {lo}, max {hi} "
-                "(slots in block 0, the null block, are never written)"
-            )
-        # Two index arrays around a slice: numpy puts the token axis first, [n, L*2, kvh, d].
-        self._heads[:, slots // self.block_size, :, slots % self.block_size] = src.transpose(
-            1, 0, 2, 3)
-
-    def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
-        """Copy each (src, dst) block in every layer, K and V: the data half of copy-on-write.
-
-        All sources are read before any destination is written (numpy materialises the gathered
-        right-hand side), so chains such as [(1, 2), (2, 3)] copy the ORIGINAL contents.
-        """
-        if len(pairs) == 0:
-            return
-        idx = np.asarray(pairs, dtype=np.intp).reshape(-1, 2)
-        src, dst = idx[:, 0], idx[:, 1]
-        nb = self.num_blocks
-        if src.min() < 0 or src.max() >= nb or dst.min() < 1 or dst.max() >= nb:
-            raise ValueError(
-                f"copy_blocks pairs out of range: sources must be in [0, {nb}), destinations in "
-                f"[1, {nb}) (the null block is never written); got {idx.tolist()}"
-            )
-        if np.unique(dst).size != dst.size:
-            raise ValueError(f"copy_blocks has a repeated destination: {idx.tolist()}")
-        self._blocks[:, dst] = self._blocks[:, src]
-
-
-# --------------------------------------------------------------------------------------------------
-# The bookkeeping
-# --------------------------------------------------------------------------------------------------
 
 # Prefix identity of "nothing before this block"; real prefix ids start at 1.
 _ROOT_PREFIX = 0
@@ -362,37 +183,60 @@ class BlockAllocator:
 
     # ---- sequence lifecycle ----------------------------------------------------------------------
 
-    def acquire_prefix(self, seq_id: int, token_ids: Sequence[int]) -> int:
-        """Create seq_id's table, seeded with the longest cached run of leading full blocks.
+    def match_prefix(self, token_ids: Sequence[int]) -> list[int]:
+        """The cached blocks holding the longest run of leading full blocks of `token_ids`,
+        looked up WITHOUT taking references (the sequence may still have to wait).
 
-        Returns how many prompt tokens are already in the pool. The match is capped at
-        (len - 1) // block_size blocks so at least the last prompt token is recomputed: the graph
-        only yields logits for tokens it processes, and sampling needs them.
-        """
+        Capped at (len - 1) // block_size blocks so at least the last prompt token is computed:
+        the graph only yields logits for tokens it processes, and sampling needs them."""
+        blocks: list[int] = []
+        n = len(token_ids)
+        if not self.enable_prefix_caching or n < 2:
+            return blocks
+        bs = self.block_size
+        parent = _ROOT_PREFIX
+        for i in range((n - 1) // bs):
+            block = self._cache.get((parent, tuple(token_ids[i * bs: (i + 1) * bs])))
+            if block is None:
+                break
+            blocks.append(block)
+            parent = self._registered[block].prefix_id
+        return blocks
+
+    def can_admit(self, prefix: Sequence[int], num_tokens: int, reserve: int = 0) -> bool:
+        """Whether `admit(.., prefix, num_tokens)` would succeed and leave `reserve` blocks
+        obtainable afterwards. Cached prefix blocks that nobody holds sit in the LRU and count
+        as obtainable, so taking them costs free capacity too."""
+        need = max(self.blocks_needed(num_tokens) - len(prefix), 0)
+        idle_prefix = sum(1 for b in prefix if self._refcount[b] == 0)
+        return need + idle_prefix + reserve <= self.num_free_blocks
+
+    def admit(self, seq_id: int, prefix: Sequence[int], num_tokens: int,
+              looked_up: int = 0) -> bool:
+        """Create seq_id's table: references on the cached `prefix` (from `match_prefix`) plus
+        fresh blocks up to `num_tokens` slots. All or nothing: False changes nothing.
+
+        `looked_up` is how many tokens the prefix lookup covered: the hit-rate metrics count
+        it here, once per admission, never for a sequence that keeps waiting."""
         if seq_id in self._tables:
             raise ValueError(f"sequence {seq_id} already has a block table")
+        if not self.can_admit(prefix, num_tokens):
+            return False
         table: list[int] = []
         chain: list[int] = []
-        n = len(token_ids)
-        self.stats.prefix_queries_tokens += n
-        if self.enable_prefix_caching and n > 1:
-            bs = self.block_size
-            parent = _ROOT_PREFIX
-            for i in range((n - 1) // bs):
-                block = self._cache.get((parent, tuple(token_ids[i * bs : (i + 1) * bs])))
-                if block is None:
-                    break
-                if self._refcount[block] == 0:
-                    del self._lru[block]
-                self._refcount[block] += 1
-                table.append(block)
-                parent = self._registered[block].prefix_id
-                chain.append(parent)
+        for block in prefix:
+            if self._refcount[block] == 0:
+                del self._lru[block]
+            self._refcount[block] += 1
+            table.append(block)
+            chain.append(self._registered[block].prefix_id)
+        while len(table) < self.blocks_needed(num_tokens):
+            table.append(self._take_block())
         self._tables[seq_id] = table
         self._chains[seq_id] = chain
-        hit = len(table) * self.block_size
-        self.stats.prefix_hit_tokens += hit
-        return hit
+        self.stats.prefix_queries_tokens += looked_up
+        self.stats.prefix_hit_tokens += len(prefix) * self.block_size
+        return True
 
     def ensure_capacity(self, seq_id: int, num_tokens: int) -> bool:
         """Grow seq_id's table to hold num_tokens slots; all or nothing.

@@ -1,23 +1,26 @@
-"""ONNX Runtime backend: one session, the KV pool bound zero-copy through IO binding.
+"""ONNX Runtime backend: one session, and the KV pool it computes on.
 
-On the CPU provider the per-layer pool views are wrapped as OrtValues over the numpy memory once,
-at start; each step binds only the small index inputs. The CUDA and TensorRT execution providers
-are selected by configuration when the installed onnxruntime offers them; with those the pool
-still lives in host memory and is copied to the device per step. That path is written against
-ORT's documented API but has NOT been run on a GPU in this repository (no GPU here).
-"""
+The backend owns the pool (the engine never sees where it lives): on the CPU provider a host
+numpy array whose per-layer views are bound zero-copy once, at start, through IO binding, so a
+step binds only the small index inputs. `run` applies the step's copy-on-write block copies,
+runs the graph and scatters the returned new K/V into the pool; only logits come back.
+
+The CUDA and TensorRT execution providers are refused for now: ORT copies a host OrtValue to the
+device when it is bound, so a host pool can never serve a GPU (the graph would read a stale copy
+forever). They need a device-resident pool with a device-side scatter (issue 9)."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
 
 from edgert.bundle import Bundle
-from edgert.kv_pool import KVPool
-from edgert.step_inputs import StepInputs
+from edgert.config import BackendConfig
+from edgert.runner.kv_pool import KVPool
+from edgert.runner.step_inputs import StepInputs
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +29,6 @@ PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
-
-
-@dataclass
-class BackendConfig:
-    provider: str = "cpu"  # cpu | cuda | tensorrt
-    threads: int = 0  # intra-op threads; 0 = one per physical core (ORT's default)
-    # Spinning worker threads burn the cores between ops; on a 2-core board they starve the
-    # server's event loop and the tokenizer, so it is off by default (see `edgert bench`).
-    allow_spinning: bool = False
-    optimization: str = "all"  # basic | extended | all
 
 
 def available_providers() -> list[str]:
@@ -64,7 +57,8 @@ def session_options(config: BackendConfig, bundle: Bundle) -> ort.SessionOptions
 
 
 class OrtBackend:
-    def __init__(self, bundle: Bundle, pool: KVPool, config: BackendConfig | None = None):
+    def __init__(self, bundle: Bundle, num_blocks: int, block_size: int,
+                 config: BackendConfig | None = None):
         self.config = config = config or BackendConfig()
         if config.provider not in PROVIDERS:
             raise ValueError(f"unknown provider {config.provider!r}; one of {sorted(PROVIDERS)}")
@@ -72,25 +66,36 @@ class OrtBackend:
             raise ValueError(
                 f"provider {config.provider!r} is not offered by the installed onnxruntime "
                 f"(it has: {', '.join(available_providers())}); install onnxruntime-gpu")
-        opts = session_options(config, bundle)
-        providers = [PROVIDERS[config.provider]]
         if config.provider != "cpu":
-            providers.append(PROVIDERS["cpu"])
-        self.session = ort.InferenceSession(str(bundle.model_path), opts, providers=providers)
+            raise ValueError(
+                f"provider {config.provider!r} needs a device-resident KV pool, which this "
+                "edgert does not have yet (a host pool bound to a GPU provider is copied once "
+                "and never seen again); use --provider cpu")
+        cfg = bundle.config
+        self.pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size,
+                           num_blocks, np.dtype(bundle.kv["dtype"]))
+        opts = session_options(config, bundle)
+        self.session = ort.InferenceSession(str(bundle.model_path), opts,
+                                            providers=[PROVIDERS[config.provider]])
         self.io = bundle.graph
-        self.pool = pool
         self._binding = self.session.io_binding()
         # Keep the OrtValues alive: they borrow the pool's memory.
         self._pool_values = []
         for layer, (kname, vname) in enumerate(self.io["pools"]):
-            for name, view in ((kname, pool.key(layer)), (vname, pool.value(layer))):
+            for name, view in ((kname, self.pool.key(layer)), (vname, self.pool.value(layer))):
                 value = ort.OrtValue.ortvalue_from_numpy(view)
                 self._binding.bind_ortvalue_input(name, value)
                 self._pool_values.append(value)
         self._out = self.io["outputs"]
 
-    def run(self, x: StepInputs) -> tuple[np.ndarray, np.ndarray]:
-        """One graph call; returns logits [N, vocab] and the new K/V [L, 2, S, T, kvh, d]."""
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    def run(self, x: StepInputs, slot_mapping: np.ndarray,
+            cow_copies: Sequence[tuple[int, int]] = ()) -> np.ndarray:
+        """One graph call on the pool; returns logits [N, vocab] on the host."""
+        self.pool.copy_blocks(cow_copies)
         names = self.io["inputs"]
         b = self._binding
         for key in ("input_ids", "positions", "query_lens", "context_lens", "block_tables",
@@ -100,4 +105,5 @@ class OrtBackend:
         b.bind_output(self._out["new_kv"], "cpu")
         self.session.run_with_iobinding(b)
         logits, new_kv = b.get_outputs()
-        return logits.numpy(), new_kv.numpy()
+        self.pool.write(new_kv.numpy(), slot_mapping)
+        return logits.numpy()

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edgert.detokenizer import IncrementalDetokenizer
 from edgert.outputs import TokenLogprob
 from edgert.sampling_params import SamplingParams
-from edgert.stop_strings import StopStringMatcher
-from edgert.tokenizer import Tokenizer
+from edgert.text.detokenizer import IncrementalDetokenizer
+from edgert.text.stop_strings import StopStringMatcher
+from edgert.text.tokenizer import Tokenizer
 
 
 @dataclass

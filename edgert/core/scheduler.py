@@ -1,0 +1,352 @@
+"""Iteration-level continuous batching over the paged pool.
+
+Each step the scheduler (1) gives every decoding sequence room for its next token, preempting
+the lowest-ranked running sequence when the pool is short (it is recomputed later, keeping its
+outputs), (2) admits waiting sequences while places and blocks allow, (3) fills the prefill token
+budget with prompt chunks, and (4) groups the decoders by length, so one long sequence does not
+make fifteen short ones gather its past's worth of padding. After the graph calls the engine
+hands back the sampled tokens and `postprocess` does the bookkeeping: computed counts,
+prefix-cache registration, forks, appended tokens. `finish` ends a sequence and frees its blocks.
+
+What always holds (tests/test_scheduler.py checks it after every step of random workloads):
+- a waiting sequence owns no block; admission takes its blocks all at once or not at all;
+- a request `check_admissible` accepted is never refused later: it runs, waits, is preempted
+  and recomputed, or finishes with a reason; nothing raises for lack of blocks;
+- running places (sequences, plus the forks a first choice will make) never exceed
+  max_num_seqs, and every call's padded shape is on the ShapeMenu that warm-up runs;
+- copy-on-write destinations are unique and owned by a sequence of the plan.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from edgert.config import SchedulerConfig
+from edgert.core.block_allocator import BlockAllocator, NoFreeBlocks
+from edgert.core.plan import Call, Row, StepPlan
+from edgert.core.sequence import Sequence, Status
+from edgert.core.shapes import ShapeMenu, floor_pow2, pow2
+
+__all__ = ["RequestRejected", "Scheduler", "child_seed"]
+
+
+class RequestRejected(ValueError):
+    """A request that can never run (too long for the model or the pool) or that arrives while
+    the queue is full. `status` is the HTTP status the server maps it to."""
+
+    def __init__(self, message: str, status: int = 400, field_name: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.field = field_name
+
+
+@dataclass
+class _Draft:
+    """A call being assembled: its rows and the padded T of a prefill (1 for decode)."""
+
+    rows: list[Row]
+    width: int
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator, menu: ShapeMenu,
+                 new_seq_id: Callable[[], int] | None = None):
+        self.config = config
+        self.allocator = allocator
+        self.menu = menu
+        self._new_seq_id = new_seq_id or itertools.count(1 << 40).__next__
+        self._waiting: list[tuple[tuple[int, float, int], Sequence]] = []  # heap by rank
+        self.running: list[Sequence] = []  # admission order
+        self.num_preemptions = 0
+
+    # ---- the queue -------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def waiting(self) -> list[Sequence]:
+        return [seq for _, seq in sorted(self._waiting, key=lambda e: e[0])]
+
+    @property
+    def seats_used(self) -> int:
+        return sum(seq.seats for seq in self.running)
+
+    def check_admissible(self, prompt_len: int, max_tokens: int, n: int = 1) -> None:
+        """Refuse at once what can never run, so nothing waits forever."""
+        cfg, alloc = self.config, self.allocator
+        total = prompt_len + max_tokens
+        if prompt_len < 1:
+            raise RequestRejected("prompt is empty", 400, "prompt")
+        if total > cfg.max_model_len:
+            raise RequestRejected(
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {total} exceeds the "
+                f"model length limit of {cfg.max_model_len} tokens", 400,
+                "max_tokens" if prompt_len < cfg.max_model_len else "prompt")
+        if n > cfg.max_num_seqs:
+            raise RequestRejected(
+                f"n = {n} choices decode together, but this server runs at most "
+                f"{cfg.max_num_seqs} sequences at once (--max-num-seqs)", 400, "n")
+        blocks = alloc.blocks_needed(total) * n
+        if blocks > alloc.usage().total:
+            raise RequestRejected(
+                f"prompt + max_tokens ({total} tokens x {n}) needs {blocks} KV blocks but the "
+                f"pool has {alloc.usage().total}; lower max_tokens or raise --kv-memory", 400,
+                "max_tokens")
+        if self.num_waiting >= cfg.max_waiting:
+            raise RequestRejected("too many waiting requests; retry later", 429)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        heapq.heappush(self._waiting, (seq.rank, seq))
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence wherever it is (stop, length, abort, timeout) and free its blocks."""
+        if seq.finished:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            self._drop_waiting([seq])
+        if self.allocator.has(seq.seq_id):
+            self.allocator.free(seq.seq_id)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+
+    def expire(self, now: float) -> list[Sequence]:
+        """Finish every sequence whose deadline has passed, with "timeout"."""
+        late = [seq for seq in [*self.running, *(s for _, s in self._waiting)]
+                if seq.deadline is not None and now > seq.deadline]
+        for seq in late:
+            self.finish(seq, "timeout")
+        return late
+
+    def _drop_waiting(self, seqs: Iterable[Sequence]) -> None:
+        gone = {id(s) for s in seqs}
+        kept = [e for e in self._waiting if id(e[1]) not in gone]
+        if len(kept) != len(self._waiting):
+            self._waiting = kept
+            heapq.heapify(self._waiting)
+
+    # ---- one step --------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        cows: dict[int, tuple[int, int]] = {}  # seq_id -> its copy-on-write pair this step
+        decoders: list[Sequence] = []
+        for seq in sorted(self.running, key=lambda s: s.rank):  # the oldest get room first
+            if seq in self.running and seq.is_decoding and self._make_room(seq, 1, plan, cows):
+                decoders.append(seq)
+        self._admit(plan)
+        prefills = self._plan_prefill(plan, cows)
+        decoders = [s for s in decoders if s in self.running]  # a prefill may have preempted
+        plan.calls = [*self._decode_calls(decoders), *prefills]
+        plan.cow_copies = [cows[s.seq_id] for row in plan.rows for s in [row.seq]
+                           if s.seq_id in cows]
+        self._fork(plan)
+        return plan
+
+    def _make_room(self, seq: Sequence, num_new: int, plan: StepPlan,
+                   cows: dict[int, tuple[int, int]]) -> bool:
+        """Blocks for `seq` to take `num_new` more tokens, plus a private copy of a shared block
+        it is about to write into (copy-on-write after a fork). Preempts the lowest-ranked
+        running sequence until that holds; False when that was `seq` itself (it waits)."""
+        alloc = self.allocator
+        while True:
+            if alloc.ensure_capacity(seq.seq_id, seq.num_computed + num_new):
+                try:
+                    copy = alloc.cow_for_write(seq.seq_id, seq.num_computed)
+                except NoFreeBlocks:
+                    pass
+                else:
+                    if copy is not None:
+                        cows[seq.seq_id] = copy
+                    return True
+            victim = max(self.running, key=lambda s: s.rank)
+            self._preempt(victim, plan, cows)
+            if victim is seq:
+                return False
+
+    def _preempt(self, seq: Sequence, plan: StepPlan, cows: dict[int, tuple[int, int]]) -> None:
+        """Back to waiting with no blocks; its outputs are kept and recomputed on readmission.
+        A copy-on-write planned for it this step goes too: its block was just freed."""
+        self.running.remove(seq)
+        self.allocator.free(seq.seq_id)
+        cows.pop(seq.seq_id, None)
+        seq.num_computed = seq.num_cached = 0
+        seq.preemptions += 1
+        self.num_preemptions += 1
+        plan.preempted.append(seq)
+        self.add(seq)
+
+    def _admit(self, plan: StepPlan) -> None:
+        """Move waiting sequences to running while places and blocks allow: by priority, then
+        arrival; the head of the queue is never overtaken, so nobody starves. A block per running
+        sequence is held back (their next decode may need one), and nothing preempted in this
+        step comes back in it, so admission cannot thrash with preemption. Prefix-cache blocks
+        are looked up first and referenced only once the sequence is admitted."""
+        alloc, bs = self.allocator, self.allocator.block_size
+        while self._waiting:
+            seq = self._waiting[0][1]
+            if seq in plan.preempted or self.seats_used + seq.seats > self.config.max_num_seqs:
+                return
+            # Prompt logprobs need every prompt position's logits: no prefix reuse then.
+            ids = seq.all_ids if seq.params.prompt_logprobs is None else []
+            prefix = alloc.match_prefix(ids)
+            computed = len(prefix) * bs
+            first = min(seq.num_tokens - computed, self.menu.chunk_limit(computed))
+            if not alloc.can_admit(prefix, computed + first, reserve=len(self.running)):
+                return
+            alloc.admit(seq.seq_id, prefix, computed + first, looked_up=len(ids))
+            heapq.heappop(self._waiting)
+            seq.num_computed = seq.num_cached = computed
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+
+    def _plan_prefill(self, plan: StepPlan, cows: dict[int, tuple[int, int]]) -> list[Call]:
+        """Prompt chunks within the step's budget of padded tokens. A call is led by the
+        oldest sequence still to prefill, whose chunk sets the call's width T; others join while
+        the padded shape stays on the menu (short pasts only). Any number of calls per step."""
+        budget = self.config.max_num_batched_tokens
+        todo = [s for s in self.running if s.num_uncomputed > 1]
+        calls: list[Call] = []
+        while todo and budget >= 2:
+            lead = todo.pop(0)
+            if lead not in self.running:
+                continue
+            cap = min(self.menu.chunk_limit(lead.num_computed), floor_pow2(budget))
+            chunk = min(lead.num_uncomputed, cap)
+            width = max(pow2(chunk), 2)
+            if not self._make_room(lead, chunk, plan, cows):
+                continue
+            draft = _Draft([self._row(lead, chunk)], width)
+            for other in list(todo):
+                size = pow2(len(draft.rows) + 1)
+                if size * width > min(self.menu.t_max, budget):
+                    break
+                take = min(other.num_uncomputed, width)
+                span = max(self.menu.span(r.start, width) for r in
+                           [*draft.rows, self._row(other, take)])
+                if not self.menu.prefill_ok(self.menu.prefill_shape(size, width, span)):
+                    continue
+                if other in self.running and self._make_room(other, take, plan, cows):
+                    draft.rows.append(self._row(other, take))
+                todo.remove(other)
+            draft.rows = [r for r in draft.rows if r.seq in self.running]
+            if draft.rows:
+                call = self._call(draft)
+                budget -= call.shape[0] * call.shape[1]
+                calls.append(call)
+        # A later room-making may have preempted a sequence planned earlier: drop its row.
+        kept = []
+        for call in calls:
+            rows = [r for r in call.rows if r.seq in self.running]
+            if len(rows) < len(call.rows):
+                call = self._call(_Draft(rows, call.shape[1]))
+            if call is not None:
+                kept.append(call)
+        return kept
+
+    def _row(self, seq: Sequence, num: int) -> Row:
+        start = seq.num_computed
+        tokens = tuple(seq.all_ids[start: start + num])
+        if seq.wants_prompt_logprobs:
+            logits = tuple(range(num))
+        elif start + num == seq.num_tokens:
+            logits = (num - 1,)
+        else:
+            logits = ()
+        return Row(seq, start, tokens, tuple(self.allocator.block_table(seq.seq_id)), logits)
+
+    def _call(self, draft: _Draft) -> Call | None:
+        if not draft.rows:
+            return None
+        menu = self.menu
+        span = max(menu.span(r.start, draft.width) for r in draft.rows)
+        if draft.width == 1:
+            shape = menu.decode_shape(len(draft.rows), span)
+            ok = menu.decode_ok(shape)
+        else:
+            shape = menu.prefill_shape(len(draft.rows), draft.width, span)
+            ok = menu.prefill_ok(shape)
+        if not ok:
+            raise AssertionError(f"scheduler bug: call shape {shape} is not on the menu")
+        # Tables as the call sees them: each row's own blocks (the call may pad them).
+        rows = tuple(Row(r.seq, r.start, r.tokens, tuple(
+            self.allocator.block_table(r.seq.seq_id)), r.logits) for r in draft.rows)
+        return Call(rows, shape)
+
+    def _decode_calls(self, seqs: list[Sequence]) -> list[Call]:
+        """Decoders grouped by how far back they read: at most `max_decode_calls` length
+        classes, chosen to minimise the modelled cost (a call's fixed cost, each padded row's,
+        each padded row-block's gather), then each class cut to rows the menu allows at its
+        width. Answers are the same whatever the grouping: the graph is batch-invariant."""
+        if not seqs:
+            return []
+        menu, cfg = self.menu, self.config
+        items = sorted(seqs, key=lambda s: (s.num_computed, s.rank))
+        spans = [menu.span(s.num_computed, 1) for s in items]
+
+        def cost(lo: int, hi: int) -> int:
+            s, _, b = menu.decode_shape(hi - lo, spans[hi - 1])
+            return cfg.decode_call_cost + s * (cfg.decode_row_cost + b)
+
+        n = len(items)
+        groups = [(0, n)]
+        if cfg.max_decode_calls >= 2 and n > 1:
+            best, k = min((cost(0, k) + cost(k, n), k) for k in range(1, n))
+            if best < cost(0, n):
+                groups = [(0, k), (k, n)]
+        calls = []
+        for lo, hi in groups:
+            while lo < hi:  # the widest slice of the class the menu allows, longest rows last
+                top = hi
+                while not menu.decode_ok(menu.decode_shape(top - lo, spans[top - 1])):
+                    top -= 1
+                draft = _Draft([self._row(s, 1) for s in items[lo:top]], 1)
+                calls.append(self._call(draft))
+                lo = top
+        return [c for c in calls if c is not None]
+
+    def _fork(self, plan: StepPlan) -> None:
+        """A first choice whose prompt completes in this step forks into its n - 1 other
+        choices, which share its blocks (copy-on-write later) and sample from the same logits.
+        Their places were held since admission, so max_num_seqs holds."""
+        for row in plan.rows:
+            parent = row.seq
+            if not row.completes or parent.seats == 1:
+                continue
+            children = []
+            for index in range(1, parent.params.n):
+                child = Sequence(self._new_seq_id(), parent.request_id, index, parent.prompt_ids,
+                                 parent.params, child_seed(parent.seed, index), parent.arrival,
+                                 deadline=parent.deadline, status=Status.RUNNING)
+                self.allocator.fork(parent.seq_id, child.seq_id)
+                self.running.append(child)
+                children.append(child)
+            plan.forks[parent.seq_id] = children
+
+    # ---- after the graph calls ---------------------------------------------------------------
+    def postprocess(self, plan: StepPlan, sampled: list[tuple[Sequence, int]]) -> None:
+        """Account a step: tokens now in the pool, full blocks registered for prefix reuse,
+        forked choices caught up with their parent, and each sampled token appended."""
+        for row in plan.rows:
+            seq = row.seq
+            seq.num_computed = row.start + len(row.tokens)
+            if self.allocator.enable_prefix_caching:
+                self.allocator.commit(seq.seq_id, seq.all_ids[: seq.num_computed])
+            for child in plan.forks.get(seq.seq_id, ()):
+                child.num_computed = seq.num_computed
+        for seq, token in sampled:
+            seq.output_ids.append(token)
+
+
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def child_seed(seed: int, index: int) -> int:
+    """Choice `index`'s seed: a pure function of the request's, so each choice samples the same
+    whatever batch it lands in (and an n = 1 request with this seed reproduces it)."""
+    return (seed + index * _GOLDEN) % (1 << 63)

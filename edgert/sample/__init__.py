@@ -1,0 +1,1 @@
+"""Choosing tokens from logits: the vectorised sampler and logprobs."""

@@ -1,0 +1,1 @@
+"""Commands: the `edgert` CLI, `info`, `bench` (offline and against a server), `eval`."""
