@@ -223,15 +223,18 @@ class Scheduler:
                 continue
             draft = _Draft([self._row(lead, chunk)], width)
             for other in list(todo):
+                if other not in self.running:  # preempted by a room-making above
+                    todo.remove(other)
+                    continue
                 size = pow2(len(draft.rows) + 1)
                 if size * width > min(self.menu.t_max, budget):
                     break
                 take = min(other.num_uncomputed, width)
-                span = max(self.menu.span(r.start, width) for r in
-                           [*draft.rows, self._row(other, take)])
+                span = max(self.menu.span(s.num_computed, width)
+                           for s in [*(r.seq for r in draft.rows), other])
                 if not self.menu.prefill_ok(self.menu.prefill_shape(size, width, span)):
                     continue
-                if other in self.running and self._make_room(other, take, plan, cows):
+                if self._make_room(other, take, plan, cows):
                     draft.rows.append(self._row(other, take))
                 todo.remove(other)
             draft.rows = [r for r in draft.rows if r.seq in self.running]

@@ -1,6 +1,7 @@
 """`edgert bench BUNDLE --offline`: the engine's throughput with continuous batching against the
-same workload through the same engine one sequence at a time (max_num_seqs=1), run side by side
-in one process so the ratio is measured under identical conditions.
+same workload through the same engine one sequence at a time (max_num_seqs=1), or (`--versus
+one-decode-call`) with every decoder in one call instead of length classes; run side by side in
+one process so the ratio is measured under identical conditions.
 
 Prompts are slices of the stdlib's pydoc topics (plain English every Python has); every request
 decodes a fixed number of tokens (ignore_eos) so both runs do exactly the same work."""
@@ -83,6 +84,12 @@ def main(args: argparse.Namespace, config: EngineConfig) -> int:
     """Run by `edgert bench BUNDLE --offline`; the largest --concurrency level is the batched
     run's max_num_seqs, --output-len the fixed output length."""
     concurrency = max(int(c) for c in str(args.concurrency).split(",") if c.strip())
+    versus = getattr(args, "versus", "sequential")
+    other_config, other_label = {
+        "sequential": (replace(config, max_num_seqs=1), "sequential (max_num_seqs=1)"),
+        "one-decode-call": (replace(config, max_num_seqs=concurrency, max_decode_calls=1),
+                            "one decode call per step"),
+    }[versus]
     batched = LLMEngine(args.bundle, replace(config, max_num_seqs=concurrency))
     prompts = workload(batched.tokenizer, args.requests, args.prompt_len, args.len_dist,
                        args.seed)
@@ -90,18 +97,20 @@ def main(args: argparse.Namespace, config: EngineConfig) -> int:
     batched.warmup()
     # Warm both paths once on a small slice so neither pays first-call costs in the timing.
     run(batched, prompts[:2], 4, "warm")
-    results = [run(batched, prompts, max_tokens, f"batched (max_num_seqs={concurrency})")]
+    label = f"batched (max_num_seqs={concurrency}, up to {config.max_decode_calls} decode calls)"
+    results = [run(batched, prompts, max_tokens, label)]
     del batched
-    single = LLMEngine(args.bundle, replace(config, max_num_seqs=1, verify_bundle=False))
-    run(single, prompts[:1], 4, "warm")
-    results.append(run(single, prompts, max_tokens, "sequential (max_num_seqs=1)"))
+    other = LLMEngine(args.bundle, replace(other_config, verify_bundle=False))
+    other.warmup()
+    run(other, prompts[:1], 4, "warm")
+    results.append(run(other, prompts, max_tokens, other_label))
     for r in results:
         print(f"{r.label:<32} {r.requests} requests, {r.prompt_tokens} prompt + "
               f"{r.output_tokens} output tokens in {r.seconds:.1f} s: "
               f"{r.output_tps:.1f} output tok/s, {r.total_tps:.1f} total tok/s, "
               f"TTFT p50 {r.ttft_p50:.2f} s, mean decode batch {r.mean_decode_batch:.1f}")
     ratio = results[0].output_tps / results[1].output_tps
-    print(f"ratio batched / sequential, output tokens/s: {ratio:.2f}x")
+    print(f"ratio {results[0].label} / {results[1].label}, output tokens/s: {ratio:.2f}x")
     if args.json:
         payload = [{**asdict(r), "output_tps": r.output_tps, "total_tps": r.total_tps}
                    for r in results]

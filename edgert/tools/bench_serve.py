@@ -68,8 +68,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="Poisson arrival rate in requests/s (default: closed loop)")
     g.add_argument("--prompt-len", type=int, default=128, help="mean prompt tokens (128)")
     g.add_argument("--output-len", type=int, default=128, help="mean output tokens (128)")
-    g.add_argument("--len-dist", choices=["fixed", "uniform", "exponential"], default="uniform",
-                   help="length distribution around the means (uniform: +-50%%)")
+    g.add_argument("--len-dist", choices=["fixed", "uniform", "exponential", "mixed"],
+                   default="uniform",
+                   help="prompt length distribution around the mean (uniform: +-50%%; mixed: "
+                        "one prompt in 16 is 16x longer); outputs use it too, except mixed")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds")
     g.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -78,10 +80,14 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def draw_length(rng: random.Random, mean: int, dist: str) -> int:
+    """fixed; uniform (+-50%); exponential; mixed: the mean, but one in 16 is 16x longer (the
+    workload where one long sequence would pad the others' decode)."""
     if dist == "fixed":
         return max(1, mean)
     if dist == "uniform":
         return max(1, rng.randint(mean // 2, mean + mean // 2))
+    if dist == "mixed":
+        return max(1, mean * 16 if rng.random() < 1 / 16 else mean)
     return max(1, int(rng.expovariate(1.0 / mean)))
 
 
@@ -176,7 +182,7 @@ async def run_bench(target: str, concurrency: list[int], requests: int, prompt_l
         for c in concurrency:
             work = []
             for _ in range(requests):
-                out = draw_length(rng, output_len, dist)
+                out = draw_length(rng, output_len, "fixed" if dist == "mixed" else dist)
                 n = min(draw_length(rng, prompt_len, dist), len(corpus) - 1,
                         max_model_len - out - 1)
                 n = max(1, n)

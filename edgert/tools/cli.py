@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", nargs="?", help="bundle directory (with --offline)")
     p.add_argument("--offline", action="store_true",
                    help="benchmark the engine in-process instead of a server")
+    p.add_argument("--versus", choices=["sequential", "one-decode-call"], default="sequential",
+                   help="with --offline, what the batched run is compared with: one sequence at "
+                        "a time (default), or every decoder in one call per step (no length "
+                        "classes)")
     add_engine_args(p)
     target = p.add_argument_group("target")
     target.add_argument("--socket", metavar="PATH", help="the server's Unix socket")
