@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgert.bundle import Bundle
+from edgert.runner.step_inputs import layout
 
 
 @dataclass
@@ -44,33 +45,22 @@ class PagedRunner:
         Returns, per sequence, logits [len(new tokens), vocab] for every new position."""
         S = len(batch)
         T = max(1, max(len(toks) for _, toks in batch))
-        ids = np.zeros((S, T), np.int32)
-        pos = np.zeros((S, T), np.int32)
-        qlen = np.zeros(S, np.int32)
-        ctx = np.zeros(S, np.int32)
-        for s, (sid, toks) in enumerate(batch):
+        for sid, toks in batch:  # blocks for the past and the new tokens
             seq = self.seqs.setdefault(sid, _Seq())
-            ids[s, :len(toks)] = toks
-            pos[s, :len(toks)] = np.arange(seq.length, seq.length + len(toks))
-            qlen[s], ctx[s] = len(toks), seq.length
-        # Tables cover the past and this call's T slots (the graph places the new K/V among the
-        # gathered keys), padded with the null block 0 to the longest.
-        for sid, toks in batch:
-            seq = self.seqs[sid]
             while len(seq.blocks) * self.bs < seq.length + len(toks):
                 seq.blocks.append(self.free.pop())
-        B = max(-(-(self.seqs[sid].length + T) // self.bs) for sid, _ in batch)
-        tables = np.zeros((S, B), np.int32)
-        for s, (sid, _) in enumerate(batch):
-            own = self.seqs[sid].blocks
-            tables[s, :len(own)] = own
-        index = np.array([s * T + t for s, (_, toks) in enumerate(batch)
-                          for t in range(len(toks))], np.int32)
+        starts = [self.seqs[sid].length for sid, _ in batch]
+        B = max(-(-(start + T) // self.bs) for start in starts)
+        # The inputs come from the runtime's one implementation of the calling convention; the
+        # pool, the block choice and the writes below stay this runner's own.
+        x = layout((S, T, B), [toks for _, toks in batch], starts,
+                   [self.seqs[sid].blocks for sid, _ in batch],
+                   [range(len(toks)) for _, toks in batch], self.bs).inputs
         io = self.bundle.graph
-        feed = {io["inputs"]["input_ids"]: ids, io["inputs"]["positions"]: pos,
-                io["inputs"]["query_lens"]: qlen, io["inputs"]["context_lens"]: ctx,
-                io["inputs"]["block_tables"]: tables, io["inputs"]["logits_indices"]: index,
-                **self.pools}
+        feed = {io["inputs"][key]: getattr(x, key) for key in (
+            "input_ids", "positions", "query_lens", "context_lens", "block_tables",
+            "logits_indices")}
+        feed.update(self.pools)
         logits, new_kv = self.session.run(
             [io["outputs"]["logits"], io["outputs"]["new_kv"]], feed)
         for s, (sid, toks) in enumerate(batch):
