@@ -135,11 +135,36 @@ def test_memory_probe_reports_peak_and_speed(tiny):
 
 
 def test_evaluate_bundle_refuses_a_foreign_reference(tiny, tmp_path):
+    """A reference with another vocabulary, or one that tokenizes the held-out text otherwise,
+    is refused (its scores would be compared position by position with the wrong tokens); one
+    with the same tokenizer is accepted and really compared."""
+    import dataclasses
+    import shutil
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
     _, bundle = tiny
     _, path = make_tiny("qwen2", tmp_path / "hf")
     other = Bundle.load(write_bundle(load_source(path), tmp_path / "b", progress=False))
-    res = evaluate_bundle(bundle, None, EvalConfig(window=64, stride=32, tokens=100))
-    assert res.perplexity > 0
-    # same word-level vocabulary, so the reference is accepted and compared
-    res = evaluate_bundle(bundle, other, EvalConfig(window=64, stride=32, tokens=100))
-    assert 0 <= res.top1_agreement <= 1
+    cfg = EvalConfig(window=64, stride=32, tokens=100)
+    res = evaluate_bundle(bundle, None, cfg)
+    assert res.perplexity > 0 and res.top1_agreement is None
+    # same word-level vocabulary, so the reference is accepted and compared: two different
+    # random models disagree
+    res = evaluate_bundle(bundle, other, cfg)
+    assert 0 <= res.top1_agreement < 1 and res.mean_kl > 0
+    assert res.reference_perplexity > 0 and res.reference_perplexity != res.perplexity
+    wider = dataclasses.replace(other, manifest={
+        **other.manifest, "config": {**other.manifest["config"], "vocab_size": VOCAB + 1}})
+    with pytest.raises(ValueError, match="different vocabulary"):
+        evaluate_bundle(bundle, wider, cfg)
+    # the same vocabulary size, its words numbered otherwise
+    shutil.copytree(other.path, tmp_path / "renumbered")
+    ids = np.random.default_rng(0).permutation(VOCAB).tolist()
+    tok = HFTokenizer(models.WordLevel({f"w{i}": ids[i] for i in range(VOCAB)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "renumbered" / other.manifest["tokenizer"]["file"]))
+    renumbered = dataclasses.replace(other, path=tmp_path / "renumbered")
+    with pytest.raises(ValueError, match="tokenizes the held-out text differently"):
+        evaluate_bundle(bundle, renumbered, cfg)

@@ -9,7 +9,6 @@ against itself.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import hypothesis.strategies as st
@@ -130,29 +129,6 @@ def test_num_blocks_for_budget_arithmetic() -> None:
     pool = KVPool(2, 1, 8, 4, KVPool.num_blocks_for_budget(10_000, 2, 1, 8, 4, np.float32))
     assert pool.nbytes <= 10_000
     assert pool.nbytes + KVPool.bytes_per_block(2, 1, 8, 4, np.float32) > 10_000
-
-
-def test_write_microbenchmark_smollm2_shape() -> None:
-    """Printed, not asserted: a number to compare against the graph step, not a gate."""
-    L, kvh, d, bs, nb = 30, 3, 64, 16, 2000
-    pool = KVPool(L, kvh, d, bs, nb)
-    rng = np.random.default_rng(0)
-    for S, T in ((16, 1), (1, 256)):
-        new_kv = rng.standard_normal((L, 2, S, T, kvh, d)).astype(np.float32)
-        slots = rng.choice(np.arange(bs, nb * bs), size=S * T, replace=False).reshape(S, T)
-        pool.write(new_kv, slots)
-        runs = []  # best and median of several repeats: shared CI machines are noisy
-        for _ in range(9):
-            t0 = time.perf_counter()
-            for _ in range(10):
-                pool.write(new_kv, slots)
-            runs.append((time.perf_counter() - t0) / 10 * 1e3)
-        best, median = min(runs), sorted(runs)[len(runs) // 2]
-        mb = new_kv.nbytes / 1e6
-        print(
-            f"\nKVPool.write S={S} T={T} ({mb:.2f} MB): best {best:.3f} ms "
-            f"({mb / best:.2f} GB/s), median {median:.3f} ms"
-        )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -375,8 +375,8 @@ def test_batched_equals_sequential_on_quantized_bundles(label, kw, tiny_ckpts, t
     prompts = [[int(t) for t in RNG.integers(3, VOCAB, size=n)] for n in (5, 17, 9, 30)]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     llm = LLM(str(bundle), kv_memory=8 << 20)
+    alone = [llm.generate([p], params)[0].token_ids for p in prompts]  # first: its own blocks
     together = [c.token_ids for c in llm.generate(prompts, params)]
-    alone = [llm.generate([p], params)[0].token_ids for p in prompts]
     assert together == alone
 
 
@@ -473,8 +473,8 @@ def test_batched_equals_sequential_on_smollm2(key, cache_dir, smollm2_ckpt):
     prompts = ["The capital of France is", "def fibonacci(n):\n    ",
                "A list comprehension in Python creates"]
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    alone = [llm.generate([p], params)[0].token_ids for p in prompts]  # first: its own blocks
     together = [c.token_ids for c in llm.generate(prompts, params)]
-    alone = [llm.generate([p], params)[0].token_ids for p in prompts]
     print(key, [llm.tokenizer.decode(t) for t in together])
     assert together == alone
 

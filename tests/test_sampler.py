@@ -6,7 +6,6 @@ direct way, so any disagreement is a bug in the fast path (candidate stages, tie
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -361,13 +360,17 @@ def test_penalties_match_plain_reference(seed: int, rep: float, pres: float, fre
                 repetition_penalty=rep if i % 2 == 0 else 1.0, presence_penalty=pres,
                 frequency_penalty=freq if i < 3 else 0.0, temperature=0.0)
             for i in range(4)]
+    x0 = x.copy()
     got = apply_penalties(x, rows)
     for i, r in enumerate(rows):
-        np.testing.assert_allclose(got[i], ref_penalties(x[i], r), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got[i], ref_penalties(x0[i], r), rtol=1e-6, atol=1e-6)
     # greedy follows the penalised logits
     np.testing.assert_array_equal(sample(x, rows).token_ids, got.argmax(axis=1))
-    # the caller's array is untouched
-    assert got is x or not np.shares_memory(got, x)
+    # the caller's array is untouched (by the penalties and by the sampler), and is returned
+    # as is only when no row has a penalty
+    np.testing.assert_array_equal(x, x0)
+    penalised = rep != 1.0 or pres != 0.0 or freq != 0.0
+    assert (got is not x and not np.shares_memory(got, x)) if penalised else got is x
 
 
 def test_repetition_penalty_signs() -> None:
@@ -414,39 +417,3 @@ def test_logprobs_of_prompt() -> None:
         assert isinstance(o.logprob, float) and all(isinstance(t, int) for t in o.top)
     assert logprobs_of(x, ids, 0)[0].top == {}
     assert logprobs_of(x[:0], ids[:0], 3) == []
-
-
-# ------------------------------------------------------------------------------------------------
-# timing (printed, not asserted: the machine is shared and timings are noisy)
-
-
-def test_timing_print(capsys: pytest.CaptureFixture[str]) -> None:
-    rng = np.random.default_rng(8)
-    cases = {
-        "greedy": dict(temperature=0.0),
-        "T=1 (no filter)": dict(temperature=1.0),
-        "top_p=0.9": dict(temperature=1.0, top_p=0.9),
-        "T=0.7 top_p=0.9": dict(temperature=0.7, top_p=0.9),
-        "top_k=50": dict(top_k=50),
-    }
-    inputs = {"llm-like": llm_like(rng, 16, V_BIG, zipf=1.3),
-              "gaussian(sd 2.5)": (2.5 * rng.standard_normal((16, V_BIG))).astype(np.float32)}
-    lines = []
-    for iname, x in inputs.items():
-        for cname, kw in cases.items():
-            rows = [row(seed=i, step=1, **kw) for i in range(16)]  # type: ignore[arg-type]
-            sample(x, rows)
-            wall, cpu = math.inf, math.inf
-            for _ in range(5):
-                t0, c0 = time.perf_counter(), time.process_time()
-                sample(x, rows)
-                wall = min(wall, time.perf_counter() - t0)
-                cpu = min(cpu, time.process_time() - c0)
-            lines.append(f"  sample() 16 x {V_BIG} {iname:17s} {cname:16s} "
-                         f"wall {wall * 1e3:6.2f} ms  cpu {cpu * 1e3:6.2f} ms")
-    c0 = time.process_time()
-    np.argsort(inputs["llm-like"], axis=1)
-    lines.append(f"  (np.argsort of the same logits: cpu {(time.process_time() - c0) * 1e3:.1f} ms;"
-                 " cpu time is the fairer number on a shared machine)")
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))

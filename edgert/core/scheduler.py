@@ -334,14 +334,20 @@ class Scheduler:
     # ---- after the graph calls ---------------------------------------------------------------
     def postprocess(self, plan: StepPlan, sampled: list[tuple[Sequence, int]]) -> None:
         """Account a step: tokens now in the pool, full blocks registered for prefix reuse,
-        forked choices caught up with their parent, and each sampled token appended."""
+        forked choices caught up with their parent (their prefix chains too, right after the
+        parent's registration: a chain left behind would make a choice's first commit meet a
+        block its parent registered, once a block they reused was evicted), and each sampled
+        token appended."""
+        caching = self.allocator.enable_prefix_caching
         for row in plan.rows:
             seq = row.seq
             seq.num_computed = row.start + len(row.tokens)
-            if self.allocator.enable_prefix_caching:
+            if caching:
                 self.allocator.commit(seq.seq_id, seq.all_ids[: seq.num_computed])
             for child in plan.forks.get(seq.seq_id, ()):
                 child.num_computed = seq.num_computed
+                if caching:
+                    self.allocator.commit(child.seq_id, seq.all_ids[: seq.num_computed])
         for seq, token in sampled:
             seq.output_ids.append(token)
 
