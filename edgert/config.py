@@ -32,7 +32,9 @@ class SchedulerConfig:
     # ~0.1 ms a row-block. Only speed depends on them: answers are batch-invariant.
     decode_call_cost: int = 160
     decode_row_cost: int = 12
-    max_decode_calls: int = 2  # length classes per decode step (1: one call for everyone)
+    # Length classes per decode step; 1: one call for every decoder, padded to the longest (the
+    # first cut's behaviour, kept to measure against).
+    max_decode_calls: int = 2
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

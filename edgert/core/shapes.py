@@ -50,6 +50,7 @@ class ShapeMenu:
     max_blocks: int  # the longest block table a sequence can have (model length or pool)
     pool_blocks: int  # usable blocks in the pool
     block_size: int
+    split_decode: bool = True  # False: one decode call per step, padded to the longest row
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "token_budget", "max_blocks", "pool_blocks", "block_size"):
@@ -73,8 +74,10 @@ class ShapeMenu:
     def decode_work(self) -> int:
         """Bound on the padded S x B of a decode call: the pool can never hold more than its
         blocks, so padding beyond twice that is pure waste; a single full-length row always
-        fits."""
+        fits. Without split decode calls, everything up to the widest batch."""
         widest = bucket(self.max_num_seqs) * bucket(self.max_blocks)
+        if not self.split_decode:
+            return widest
         return max(bucket(self.max_blocks), min(widest, 2 * bucket(self.pool_blocks)))
 
     def span(self, start: int, tokens: int) -> int:

@@ -97,7 +97,8 @@ class LLMEngine:
         self.menu = ShapeMenu(
             max_num_seqs=sched.max_num_seqs, token_budget=sched.max_num_batched_tokens,
             max_blocks=min(self.allocator.blocks_needed(self.max_model_len), usable),
-            pool_blocks=usable, block_size=self.block_size)
+            pool_blocks=usable, block_size=self.block_size,
+            split_decode=sched.max_decode_calls > 1)
         self._seq_ids = itertools.count(1)
         self.scheduler = Scheduler(sched, self.allocator, self.menu, self._seq_ids.__next__)
         self.runner = ModelRunner(OrtBackend(self.bundle, num_blocks, self.block_size,
