@@ -2,12 +2,14 @@
 
 Built node by node with `onnx.helper` rather than traced from torch: every op is chosen so the
 graph stays in the standard domain, takes every shape from an input's shape, and reads each KV pool
-through exactly one Gather. One graph serves prefill chunks and decode steps (dynamic S, T, B).
+through exactly one GatherND. One graph serves prefill chunks and decode steps (dynamic S, T, B).
 
-Attention joins the past (gathered from the pool) and the new tokens as two blocks of scores,
-concatenated (small) and normalised by one row-wise Softmax, then multiplied with each block's
-values: nothing the size of the past K/V is ever concatenated or sliced. The block size is not
-baked in: the pool's second axis carries it.
+Attention: each layer gathers the blocks of every sequence's table, heads first, places the step's
+own new K/V among them at their absolute positions (ScatterND into the gathered copy), and runs
+one row-wise Softmax over all keys between two GEMMs. Every key then sits where it sits in any
+other call, which is what makes answers bit-identical whatever the batch. Nothing the size of the
+past is ever concatenated, and the only new K/V that leave the graph are this step's. The block
+size is not baked in: the pool's third axis carries it.
 """
 
 from __future__ import annotations
@@ -311,7 +313,6 @@ class DecoderGraphBuilder:
                            b.const(np.array(0.0, np.float32)))
             q = b.op("Concat", q, pad_row, axis=2)  # [S, kvh, T + 1, d]
 
-        # Past: the pool's ONLY consumer is this Gather. [S, B, bs, kvh, d] -> [S, P, kvh, d]
         # Past: the pool's ONLY consumer is this GatherND, which reads each (block, kv head)
         # slice [block_size, d] of the table: [S, kvh, B, bs, d], already the layout the
         # attention GEMMs want (no transpose of the past).

@@ -143,8 +143,7 @@ class Scheduler:
         prefills = self._plan_prefill(plan, cows)
         decoders = [s for s in decoders if s in self.running]  # a prefill may have preempted
         plan.calls = [*self._decode_calls(decoders), *prefills]
-        plan.cow_copies = [cows[s.seq_id] for row in plan.rows for s in [row.seq]
-                           if s.seq_id in cows]
+        plan.cow_copies = [cows[r.seq.seq_id] for r in plan.rows if r.seq.seq_id in cows]
         self._fork(plan)
         return plan
 
