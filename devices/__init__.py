@@ -21,6 +21,10 @@ class DeviceProfile:
     tensorrt: bool
     max_num_seqs: int
     max_model_len: int
+    # TensorRT builder workspace limit: a build takes the weights, the pool and this at once,
+    # and on an 8 GB Orin Nano an unbounded one can be OOM-killed. A chosen limit, not a
+    # hardware fact (1 GiB on 8 GB boards, more where memory allows).
+    trt_workspace_bytes: int = 1 << 30
 
     def kv_budget(self, weights_bytes: int, fraction: float = 0.9) -> int:
         """Bytes for the KV pool: a fraction of what is left after weights and the reserve."""

@@ -12,12 +12,17 @@ MiB = 1 << 20
 
 @dataclass
 class BackendConfig:
-    provider: str = "cpu"  # cpu | cuda | tensorrt
+    # cpu: ONNX Runtime on the CPU; cuda / tensorrt: ONNX Runtime's CUDA / TensorRT execution
+    # provider with the pool on the GPU; tensorrt-native: TensorRT with the board's plan.
+    provider: str = "cpu"
     threads: int = 0  # intra-op threads; 0 = one per physical core (ORT's default)
     # Spinning worker threads burn the cores between ops; on a 2-core board they starve the
     # server's event loop and the tokenizer, so it is off by default (scripts/bench_spinning.py).
     allow_spinning: bool = False
     optimization: str = "all"  # basic | extended | all
+    device_id: int = 0  # which GPU
+    device_profile: str | None = None  # devices/*.json name: selects the TensorRT plan
+    engine_cache: str | None = None  # ORT's TensorRT provider: where its engines are cached
 
 
 @dataclass
@@ -126,8 +131,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "one's padding (default 2; 1 = one call)")
     g.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse KV blocks of identical prompt prefixes")
-    g.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
-                   help="ONNX Runtime execution provider (default cpu)")
+    g.add_argument("--provider", default="cpu",
+                   choices=["cpu", "cuda", "tensorrt", "tensorrt-native"],
+                   help="where the graph runs: cpu (ONNX Runtime, default); cuda / tensorrt "
+                        "(ONNX Runtime's CUDA / TensorRT execution provider, KV pool on the "
+                        "GPU); tensorrt-native (TensorRT with the plan `edgert build-engine` "
+                        "made on this board; needs --device). The GPU ones were not run in "
+                        "this project's CI (no GPU): see the README")
     g.add_argument("--threads", type=int, default=0,
                    help="ONNX Runtime intra-op threads (default: one per core)")
     g.add_argument("--spinning", action="store_true",
@@ -155,5 +165,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_waiting=args.max_waiting, enable_prefix_caching=not args.no_prefix_caching,
         max_decode_calls=args.max_decode_calls,
         backend=BackendConfig(provider=args.provider, threads=args.threads,
-                              allow_spinning=args.spinning),
+                              allow_spinning=args.spinning, device_profile=args.device),
         verify_bundle=not args.no_verify)

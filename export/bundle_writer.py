@@ -19,7 +19,7 @@ from edgert import __version__
 from edgert.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from export.calibration import Calibration
 from export.checkpoint import Checkpoint
-from export.graph import IO, OPSET, build_decoder
+from export.graph import FLOAT32_ISLANDS, IO, OPSET, build_decoder
 from export.quantize import QuantConfig, build_quantized
 
 MODEL_FILE = "model.onnx"
@@ -51,7 +51,8 @@ def write_bundle(ckpt: Checkpoint, out: Path, *, block_size: int = 16, progress:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         meta: dict[str, Any] = {"precision": "fp32", "flavour": "portable", "domains": [""],
-                                "quantization": None, "calibration": None, "ort": {}}
+                                "quantization": None, "calibration": None, "ort": {},
+                                "dtype": "float32"}
         with tqdm(total=cfg.num_layers, desc="build graph", unit="layer",
                   disable=not progress) as bar:
             if quant is None or quant.is_plain_fp32:
@@ -61,7 +62,8 @@ def write_bundle(ckpt: Checkpoint, out: Path, *, block_size: int = 16, progress:
                                      show_progress=progress)
                 model = qg.model
                 meta.update(precision=qg.precision, flavour=qg.flavour, domains=qg.domains,
-                            quantization=qg.quantization, ort=qg.ort_session_config)
+                            quantization=qg.quantization, ort=qg.ort_session_config,
+                            dtype=qg.activation_dtype)
                 if qg.calibration is not None:
                     qg.calibration.to_npz(tmp / CALIBRATION_FILE)
                     meta["calibration"] = qg.calibration.manifest()
@@ -82,14 +84,17 @@ def write_bundle(ckpt: Checkpoint, out: Path, *, block_size: int = 16, progress:
             "edgert_version": __version__,
             "config": cfg.to_dict(),
             "graph": {"file": MODEL_FILE, "opset": OPSET, "domains": meta["domains"],
-                      "flavour": meta["flavour"], **graph_io_manifest(cfg.num_layers),
+                      "flavour": meta["flavour"], "activation_dtype": meta["dtype"],
+                      **({"float32_islands": list(FLOAT32_ISLANDS)}
+                         if meta["dtype"] != "float32" else {}),
+                      **graph_io_manifest(cfg.num_layers),
                       **({"ort_session_config": meta["ort"]} if meta["ort"] else {})},
             "precision": meta["precision"],
             "quantization": meta["quantization"],
             "calibration": meta["calibration"],
             "kv": {
                 "layout": ["num_blocks", "kv_heads", "block_size", "head_dim"],
-                "dtype": "float32",
+                "dtype": meta["dtype"],  # the pools' and new_kv's dtype: the graph's activations
                 "block_size": block_size,
                 "null_block": 0,
                 "new_kv_layout": ["layers", 2, "S", "T", "kv_heads", "head_dim"],

@@ -1,9 +1,11 @@
-"""`edgert pull` and `edgert export`: host-side commands, plugged into the `edgert` CLI through
-the `edgert.commands` entry point group so the runtime package never imports this one."""
+"""`edgert pull`, `edgert export` and `edgert check-trt`: host-side commands, plugged into the
+`edgert` CLI through the `edgert.commands` entry point group so the runtime package never imports
+this one."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -69,3 +71,52 @@ def _export(args: argparse.Namespace) -> int:
             print("quality gate NOT checked (--no-eval)")
         return 0
     return export_with_gate(ckpt, args, quant)
+
+
+def _trt_version(text: str) -> str:
+    from export.trt_check import parse_trt_version
+
+    try:
+        return parse_trt_version(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def register_check_trt(sub: argparse._SubParsersAction) -> None:
+    # Needs onnx (the export extra); checked without importing it so every `edgert` call stays
+    # fast. The checker itself is imported only when the command runs.
+    if importlib.util.find_spec("onnx") is None:
+        raise ImportError("onnx is not installed", name="onnx")
+    p = sub.add_parser(
+        "check-trt", help="statically check a bundle's ONNX graph against TensorRT 10's parser",
+        description="Check BUNDLE's portable ONNX graph, on any CPU machine and without "
+                    "TensorRT, against what TensorRT 10's ONNX parser and builder enforce: "
+                    "IR version and opset, the operator support list and its types, constant "
+                    "axes, Q/DQ zero points and scales (blocked INT4 DequantizeLinear), the KV "
+                    "pools' layout and sole GatherND consumer, shapes computed from Shape ops "
+                    "only, int32 index inputs, tensor volumes at the largest shapes, and the "
+                    "dynamic dims the two optimisation profiles need. Prints each rule with "
+                    "PASS/FAIL and the node or tensor at fault. Exit status: 0 all rules pass, "
+                    "1 a rule fails, 2 usage error or unreadable bundle. Passing is necessary, "
+                    "not sufficient: nothing here runs TensorRT.")
+    p.add_argument("bundle", type=Path, help="bundle directory")
+    p.add_argument("--json", action="store_true", help="print the findings as JSON")
+    p.add_argument("--trt", type=_trt_version, default="10.3", metavar="VERSION",
+                   help="TensorRT 10.x version to check against (default 10.3, JetPack 6.1/6.2)")
+    lim = p.add_argument_group("largest shapes (for the tensor-volume and profile rules)")
+    lim.add_argument("--max-seqs", type=int, default=16, metavar="S",
+                     help="sequences per call, max_num_seqs (16)")
+    lim.add_argument("--max-tokens", type=int, default=256, metavar="T",
+                     help="tokens per sequence in a prefill call, the token budget (256)")
+    lim.add_argument("--max-blocks", type=int, default=512, metavar="B",
+                     help="blocks per block-table row (512)")
+    lim.add_argument("--num-blocks", type=int, default=4096, help="blocks in each pool (4096)")
+    lim.add_argument("--block-size", type=int, default=None,
+                     help="KV block size (default: the manifest's kv.block_size)")
+    p.set_defaults(func=_check_trt)
+
+
+def _check_trt(args: argparse.Namespace) -> int:
+    from export.trt_check import run_cli
+
+    return run_cli(args)

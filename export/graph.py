@@ -10,6 +10,13 @@ one row-wise Softmax over all keys between two GEMMs. Every key then sits where 
 other call, which is what makes answers bit-identical whatever the batch. Nothing the size of the
 past is ever concatenated, and the only new K/V that leave the graph are this step's. The block
 size is not baked in: the pool's third axis carries it.
+
+Activations are float32 or float16 (`dtype`). A float16 graph is float16 end to end (weights,
+activations, the KV pools and `new_kv`), what a strongly typed TensorRT network builds as written,
+with float32 islands where float16 loses too much: RMSNorm's mean of squares and normalisation
+(cast back before the weight, as transformers does), the masked attention scores and their
+Softmax, and the RoPE tables (computed in float32, then cast). Logits leave as float32. The mask
+value lives in the float32 island; every float16 constant is checked to be finite.
 """
 
 from __future__ import annotations
@@ -29,6 +36,9 @@ IR_VERSION = 10
 # Masked scores: a large finite negative through `Where`, never -inf: a row whose keys are all
 # masked (a padded query row) then yields finite garbage instead of NaN.
 MASK_VALUE = -1.0e30
+DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+# What a float16 graph computes in float32 (recorded in the manifest).
+FLOAT32_ISLANDS = ("rms_norm", "attention_scores_softmax", "rope_tables")  # logits: float32
 
 
 @dataclass(frozen=True)
@@ -69,11 +79,14 @@ class _Builder:
         return f"{hint}_{self._count}"
 
     def const(self, value: np.ndarray | float | int | list, name: str | None = None,
-              dtype: type | None = None) -> str:
-        arr = np.asarray(value, dtype=dtype)
+              dtype: type | np.dtype | None = None) -> str:
+        with np.errstate(over="ignore"):  # refused below rather than warned about
+            arr = np.asarray(value, dtype=dtype)
         if arr.dtype == np.float64:
             arr = arr.astype(np.float32)
         name = name or self._name("const")
+        if arr.dtype == np.float16 and not np.isfinite(arr).all():
+            raise ValueError(f"{name}: a value overflows float16 (|x| > 65504)")
         self.initializers.append(numpy_helper.from_array(arr, name))
         return name
 
@@ -89,9 +102,18 @@ class DecoderGraphBuilder:
     """Emits the decoder for one checkpoint. `linear` is the hook quantization overrides: it
     receives the float weight [in, out] and returns the output name of x @ W."""
 
-    def __init__(self, ckpt: Checkpoint, progress: Callable[[int], None] | None = None):
+    def __init__(self, ckpt: Checkpoint, progress: Callable[[int], None] | None = None,
+                 dtype: str = "float32"):
+        if dtype not in DTYPES:
+            raise ValueError(f"activation dtype must be one of {sorted(DTYPES)}")
         self.ckpt = ckpt
         self.cfg: ModelConfig = ckpt.config
+        self.dtype = dtype  # activations, weights of the float layers, the KV pools, new_kv
+        self.act = DTYPES[dtype]
+        self.np_act = np.dtype(dtype)
+        self.float16 = dtype == "float16"
+        # The LM head's output; a float16 graph then casts it to the float32 logits.
+        self.logits_out = IO.logits if not self.float16 else "logits_float16"
         self.b = _Builder()
         # Operator domains the graph imports; a quantizing subclass adds com.microsoft.
         self.opsets: dict[str, int] = {"": OPSET}
@@ -99,33 +121,46 @@ class DecoderGraphBuilder:
         self._axis_last = self.b.const(np.array([-1], np.int64), "axes_last")
 
     # ---- building blocks -------------------------------------------------------------------
+    def cast(self, x: str, to: int) -> str:
+        return self.b.op("Cast", x, to=to)
+
     def linear(self, x: str, weight_t: np.ndarray, name: str) -> str:
         """x @ W with W given as [in, out]."""
-        w = self.b.const(np.ascontiguousarray(weight_t, dtype=np.float32), name)
+        w = self.b.const(np.ascontiguousarray(weight_t), name, dtype=self.np_act)
         return self.b.op("MatMul", x, w)
 
     def embedding(self, ids: str) -> str:
         """Token ids [S, T] -> hidden states [S, T, hidden]; a quantization hook like `linear`."""
         w = self.ckpt.weight
-        return self.b.op("Gather", self.b.const(w("model.embed_tokens.weight").astype(np.float32),
-                                                "model.embed_tokens.weight"), ids, axis=0)
+        return self.b.op("Gather", self.b.const(w("model.embed_tokens.weight"),
+                                                "model.embed_tokens.weight", self.np_act),
+                         ids, axis=0)
 
     def lm_head(self, rows: str) -> str:
-        """Final-norm rows [N, hidden] -> logits [N, vocab], output under IO.logits."""
+        """Final-norm rows [N, hidden] -> logits [N, vocab], output under `logits_out` (a float16
+        graph's `build` casts that to the float32 IO.logits)."""
         b, w = self.b, self.ckpt.weight
         if self.cfg.tie_word_embeddings:
             head = "model.embed_tokens.weight"  # shared with the embedding Gather: stored once
         else:
-            head = b.const(w("lm_head.weight").astype(np.float32), "lm_head.weight")
-        return b.op("Gemm", rows, head, transB=1, name=IO.logits)
+            head = b.const(w("lm_head.weight"), "lm_head.weight", self.np_act)
+        return b.op("Gemm", rows, head, transB=1, name=self.logits_out)
 
     def rms_norm(self, x: str, weight: np.ndarray, name: str) -> str:
+        """x * rsqrt(mean(x^2) + eps) * weight. In a float16 graph the mean of squares and the
+        normalisation run in float32 (a float16 x^2 overflows from |x| > 256 and its mean loses
+        digits), cast back to float16 before the weight, as transformers computes it."""
         b = self.b
-        w = b.const(weight.astype(np.float32), name)
+        w = b.const(weight, name, self.np_act)
         eps = b.const(np.array(self.cfg.rms_norm_eps, np.float32))
+        if self.float16:
+            x = self.cast(x, TensorProto.FLOAT)
         var = b.op("ReduceMean", b.op("Mul", x, x), self._axis_last, keepdims=1)
         inv = b.op("Reciprocal", b.op("Sqrt", b.op("Add", var, eps)))
-        return b.op("Mul", b.op("Mul", x, inv), w)
+        y = b.op("Mul", x, inv)
+        if self.float16:
+            y = self.cast(y, self.act)
+        return b.op("Mul", y, w)
 
     def rope(self, x: str, cos: str, sin: str) -> str:
         """HF rotate-half RoPE on x [S, T, heads, d] with cos/sin [S, T, 1, d/2]."""
@@ -152,7 +187,7 @@ class DecoderGraphBuilder:
         for layer in range(cfg.num_layers):
             for pool in (IO.pool_key(layer), IO.pool_value(layer)):
                 inputs.append(helper.make_tensor_value_info(
-                    pool, TensorProto.FLOAT, ["num_blocks", kvh, "block_size", d]))
+                    pool, self.act, ["num_blocks", kvh, "block_size", d]))
 
         x = self.embedding(IO.input_ids)
 
@@ -179,11 +214,13 @@ class DecoderGraphBuilder:
         flat = b.op("Reshape", x, b.const(np.array([-1, cfg.hidden_size], np.int64)))
         rows = b.op("Gather", flat, IO.logits_indices, axis=0)
         rows = self.rms_norm(rows, w("model.norm.weight"), "model.norm.weight")
-        self.lm_head(rows)
+        head = self.lm_head(rows)
+        if head != IO.logits:  # float16 logits: the sampler reads float32
+            b.op("Cast", head, to=TensorProto.FLOAT, name=IO.logits)
 
         outputs = [
             helper.make_tensor_value_info(IO.logits, TensorProto.FLOAT, ["N", cfg.vocab_size]),
-            helper.make_tensor_value_info(IO.new_kv, TensorProto.FLOAT,
+            helper.make_tensor_value_info(IO.new_kv, self.act,
                                           [cfg.num_layers, 2, "S", "T", kvh, d]),
         ]
         graph = helper.make_graph(b.nodes, "edgert_paged_decoder", inputs, outputs,
@@ -195,14 +232,19 @@ class DecoderGraphBuilder:
         return model
 
     def _rope_tables(self) -> tuple[str, str]:
-        """cos/sin [S, T, 1, d/2] from positions; inv_freq computed as transformers does (fp32)."""
+        """cos/sin [S, T, 1, d/2] from positions; inv_freq computed as transformers does (fp32).
+        Always computed in float32 (a float16 position * frequency loses the angle beyond
+        position 2048), then cast to the activation dtype."""
         b = self.b
         inv_freq = rope_inv_freq(self.cfg)
         pos = b.op("Cast", IO.positions, to=TensorProto.FLOAT)
         pos = b.op("Unsqueeze", pos, b.const(np.array([-1], np.int64)))  # [S, T, 1]
         freqs = b.op("Mul", pos, b.const(inv_freq, "rope.inv_freq"))  # [S, T, d/2]
         freqs = b.op("Unsqueeze", freqs, b.const(np.array([2], np.int64)))  # [S, T, 1, d/2]
-        return b.op("Cos", freqs), b.op("Sin", freqs)
+        cos, sin = b.op("Cos", freqs), b.op("Sin", freqs)
+        if self.float16:
+            cos, sin = self.cast(cos, self.act), self.cast(sin, self.act)
+        return cos, sin
 
     def _masks(self) -> tuple[str, str]:
         """The int32 constants 0 and 1 that the index arithmetic of every layer shares."""
@@ -284,7 +326,7 @@ class DecoderGraphBuilder:
         if cfg.attention_bias:
             bias = np.concatenate([w[p + "q_proj.bias"], w[p + "k_proj.bias"],
                                    w[p + "v_proj.bias"]])
-            qkv = b.op("Add", qkv, b.const(bias.astype(np.float32), p + "qkv_proj.bias"))
+            qkv = b.op("Add", qkv, b.const(bias, p + "qkv_proj.bias", self.np_act))
         q, k, v = b.op("Split", qkv, b.const(np.array([nh * d, kvh * d, kvh * d], np.int64)),
                        axis=-1, outputs=3)
         q = b.op("Reshape", q, b.const(np.array([0, 0, nh, d], np.int64)))  # [S, T, nh, d]
@@ -304,13 +346,13 @@ class DecoderGraphBuilder:
         q = b.op("Reshape", q, b.const(np.array([0, 0, kvh, g, d], np.int64)))
         q = b.op("Transpose", q, perm=[0, 2, 3, 1, 4])  # [S, kvh, g, T, d]
         q = b.op("Reshape", q, b.const(np.array([0, 0, -1, d], np.int64)))
-        q = b.op("Mul", q, b.const(np.array(d ** -0.5, np.float32)))
+        q = b.op("Mul", q, b.const(np.array(d ** -0.5, self.np_act)))
         if g == 1:
             if layer == 0:
                 for name, val in (("i64_zero", 0), ("i64_one", 1), ("i64_two", 2)):
                     b.const(np.array([val], np.int64), name)
             pad_row = b.op("Mul", b.op("Slice", q, "i64_zero", "i64_one", "i64_two"),
-                           b.const(np.array(0.0, np.float32)))
+                           b.const(np.array(0.0, self.np_act)))
             q = b.op("Concat", q, pad_row, axis=2)  # [S, kvh, T + 1, d]
 
         # Past: the pool's ONLY consumer is this GatherND, which reads each (block, kv head)
@@ -336,8 +378,16 @@ class DecoderGraphBuilder:
                                      b.op("Transpose", v, perm=heads_first)), flat)
         kp = b.op("Transpose", k_all, perm=[0, 1, 3, 2])  # [S, kvh, d, P]: ORT fuses it
         vp = v_all  # [S, kvh, P, d]
-        scores = b.op("Where", self._key_mask, b.op("MatMul", q, kp), "mask_value")
+        # The masked scores and their Softmax in float32 (the mask value is far beyond float16,
+        # and a float16 softmax of long rows loses the small probabilities); the two GEMMs in
+        # the activation dtype.
+        qk = b.op("MatMul", q, kp)
+        if self.float16:
+            qk = self.cast(qk, TensorProto.FLOAT)
+        scores = b.op("Where", self._key_mask, qk, "mask_value")
         probs = b.op("Softmax", scores, axis=-1)  # [S, kvh, g*T, P], one row-wise softmax
+        if self.float16:
+            probs = self.cast(probs, self.act)
         o = b.op("MatMul", probs, vp)  # [S, kvh, g*T, d]
         if g == 1:
             o = b.op("Slice", o, "i64_zero", b.op("Shape", IO.input_ids, start=1, end=2),
@@ -386,6 +436,7 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return inv
 
 
-def build_decoder(ckpt: Checkpoint,
-                  progress: Callable[[int], None] | None = None) -> onnx.ModelProto:
-    return DecoderGraphBuilder(ckpt, progress).build()
+def build_decoder(ckpt: Checkpoint, progress: Callable[[int], None] | None = None,
+                  dtype: str = "float32") -> onnx.ModelProto:
+    """The float graph: float32, or float16 with its float32 islands (module docstring)."""
+    return DecoderGraphBuilder(ckpt, progress, dtype).build()

@@ -21,11 +21,14 @@ from export.quantize import QuantConfig
 def add_quant_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization")
     g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"],
-                   help="weight precision (default fp32). int8: per-channel weights with int8 "
-                        "activations; int4: weight-only, blocks along the input dimension")
+                   help="weight precision (default fp32). fp16: a float16 graph (weights, "
+                        "activations and KV cache float16; RMSNorm and softmax in float32); "
+                        "int8: per-channel weights with int8 activations; int4: weight-only, "
+                        "blocks along the input dimension")
     g.add_argument("--flavour", default="cpu", choices=["portable", "cpu"],
                    help="cpu (default): ONNX Runtime's fused CPU kernels (MatMulNBits, "
-                        "MatMulInteger); portable: standard Q/DQ ops, what TensorRT consumes")
+                        "MatMulInteger), float32 activations; portable: standard Q/DQ ops with "
+                        "float16 scales and activations, what TensorRT builds strongly typed")
     g.add_argument("--group-size", type=int, default=32, choices=[16, 32, 64, 128, 256],
                    help="int4 block size along the input dimension (default 32); the portable "
                         "flavour uses the largest divisor of each layer's width not above it")
@@ -48,7 +51,7 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
                    choices=["fp32", "fp16", "int8", "int4"],
                    help="LM head (default: the embedding's; a tied head then shares its table)")
     g.add_argument("--scale-dtype", default="float16", choices=["float16", "float32"],
-                   help="int4 block scale storage (default float16)")
+                   help="int4 block scale storage (default float16; float32: cpu flavour only)")
     g.add_argument("--calib", default="builtin",
                    help="calibration text: 'builtin' (Python's pydoc topics, calibration half) "
                         "or a UTF-8 text file")

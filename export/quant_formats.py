@@ -65,6 +65,14 @@ class Grid:
                 "zero_point": self.zero_point, "scale_dtype": self.scale_dtype}
 
 
+# The smallest positive normal of each scale dtype: what a scale that would be 0 becomes (an
+# all-zero block, or a block of weights so tiny that its scale rounds to 0 in float16), so every
+# DequantizeLinear scale is strictly positive (TensorRT requires it) and codes never divide by 0.
+# Such a block's codes are all 0. Subnormal scales are kept: they are positive and exact.
+SCALE_FLOOR = {"float16": float(np.finfo(np.float16).tiny),
+               "float32": float(np.finfo(np.float32).tiny)}
+
+
 def round_to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
     """float32 values exactly representable in `dtype` (float16 saturates instead of inf)."""
     x = np.asarray(x, np.float32)
@@ -145,12 +153,13 @@ def grid_params(w: np.ndarray, grid: Grid, clip: float | np.ndarray = 1.0
     wmin = np.minimum(w.min(axis=-1), 0.0) if grid.symmetric else w.min(axis=-1)
     wmax = np.maximum(w.max(axis=-1), 0.0) if grid.symmetric else w.max(axis=-1)
     wmin, wmax = wmin * clip, wmax * clip
+    floor = SCALE_FLOOR[grid.scale_dtype]
     if grid.symmetric:
-        scale = np.maximum(wmax / grid.qmax, wmin / grid.qmin)
-        scale = round_to_dtype(np.where(scale > 0, scale, 1.0), grid.scale_dtype)
-        return scale.astype(np.float32), None
-    scale = (wmax - wmin) / grid.qmax
-    scale = round_to_dtype(np.where(scale > 0, scale, 1.0), grid.scale_dtype)
+        scale = round_to_dtype(np.maximum(wmax / grid.qmax, wmin / grid.qmin), grid.scale_dtype)
+        return np.where(scale > 0, scale, floor).astype(np.float32), None
+    scale = round_to_dtype(np.where(wmax > wmin, (wmax - wmin) / grid.qmax, 1.0),
+                           grid.scale_dtype)
+    scale = np.where(scale > 0, scale, floor).astype(np.float32)
     if grid.zero_point == "float":
         return scale, round_to_dtype(wmin, grid.scale_dtype)
     zero = np.clip(np.round(-wmin / scale), 0, grid.qmax)

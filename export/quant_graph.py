@@ -1,12 +1,14 @@
 """ONNX for quantized projections, one function per (precision, flavour). Each takes a
 `QuantizedWeight` (quant_formats.py) and only re-lays its codes out for its operator.
 
-portable (standard ONNX, what TensorRT's parser consumes):
+portable (standard ONNX, what TensorRT's parser consumes; float16 activations, so every
+DequantizeLinear scale is float16: in a strongly typed network a DQ outputs its scale's type):
 - int8 W8A8: QuantizeLinear/DequantizeLinear on the activation with a static per-tensor scale from
   calibration (after SmoothQuant's per-channel division), DequantizeLinear of the per-channel int8
   weight, MatMul. TensorRT fuses Q/DQ around the MatMul into an int8 GEMM.
-- int4 W4A16: opset-21 blocked DequantizeLinear (int4 codes, zero point 0, block along the input
-  dim, a block size dividing it exactly) then MatMul.
+- int4 W4A16: opset-21 blocked DequantizeLinear (a 2-D int4 initializer [K, N] straight into the
+  DQ, no zero point: symmetric, block along the input dim, a block size dividing it exactly)
+  then MatMul.
 cpu (ONNX Runtime's CPU kernels):
 - int8: activations quantized PER ROW at run time (a per-tensor dynamic scale would let one
   sequence, or a padding row, change another sequence's result), then MatMulInteger. Both operands
@@ -33,9 +35,11 @@ from export.quant_formats import QuantizedWeight
 class QuantOps:
     """Emitters sharing one builder and its constants."""
 
-    def __init__(self, b: _Builder, accuracy_level: int = 4):
+    def __init__(self, b: _Builder, accuracy_level: int = 4, act: int = TensorProto.FLOAT):
         self.b = b
         self.accuracy_level = accuracy_level
+        self.act = act  # the graph's activation dtype (FLOAT or FLOAT16)
+        self.np_act = np.dtype(np.float16 if act == TensorProto.FLOAT16 else np.float32)
         self._consts: dict[str, str] = {}
 
     def _c(self, key: str, value: np.ndarray) -> str:
@@ -43,11 +47,16 @@ class QuantOps:
             self._consts[key] = self.b.const(value, f"quant.{key}")
         return self._consts[key]
 
-    # ---- fp16 weights, fp32 compute --------------------------------------------------------
+    def _to_act(self, x: str, dtype: np.dtype) -> str:
+        """x (of numpy dtype `dtype`) in the activation dtype."""
+        return x if np.dtype(dtype) == self.np_act else self.b.op("Cast", x, to=self.act)
+
+    # ---- fp16 weights ------------------------------------------------------------------------
     def fp16_matmul(self, x: str, weight_t: np.ndarray, name: str, out: str | None = None) -> str:
-        """Weights stored as float16 and widened once: ORT folds the Cast at session load."""
+        """Weights stored as float16: a float16 GEMM in a float16 graph; in a float32 graph
+        widened once (ORT folds the Cast at session load)."""
         b = self.b
-        w = b.op("Cast", b.const(weight_t.astype(np.float16), name), to=TensorProto.FLOAT)
+        w = self._to_act(b.const(weight_t, name, np.float16), np.float16)
         return b.op("MatMul", x, w, name=out)
 
     # ---- int8 --------------------------------------------------------------------------------
@@ -59,11 +68,13 @@ class QuantOps:
                 self.b.const(qw.scale[:, 0].astype(np.float32), name + ".scale"))
 
     def int8_weight_s8(self, qw: QuantizedWeight, name: str) -> tuple[str, str]:
-        """[K, N] int8 codes and the per-channel float scale [N]."""
+        """[K, N] int8 codes and the per-channel scale [N] in the grid's scale dtype (the
+        activation dtype: a DequantizeLinear outputs its scale's type)."""
         assert qw.grid.bits == 8 and qw.blocks == 1
         codes = np.ascontiguousarray(qw.codes[:, : qw.k].T.astype(np.int8))
         return (self.b.const(codes, name),
-                self.b.const(qw.scale[:, 0].astype(np.float32), name + ".scale"))
+                self.b.const(qw.scale[:, 0].astype(np.dtype(qw.grid.scale_dtype)),
+                             name + ".scale"))
 
     def int8_dynamic_rows(self, x: str, w_u8: str, w_scale: str, smooth_inv: str | None = None,
                           out: str | None = None) -> str:
@@ -96,7 +107,7 @@ class QuantOps:
         b = self.b
         if smooth_inv is not None:
             x = b.op("Mul", x, smooth_inv)
-        s = b.const(np.array(act_scale, np.float32))
+        s = b.const(np.array(act_scale, self.np_act))  # per tensor, exact in its dtype
         zp = self._c("i8_0", np.array(0, np.int8))
         xq = b.op("DequantizeLinear", b.op("QuantizeLinear", x, s, zp), s, zp)
         w = b.op("DequantizeLinear", w_s8, w_scale, axis=1)
@@ -183,6 +194,4 @@ class QuantOps:
         scale = np.ascontiguousarray(qw.scale.T.astype(np.dtype(g.scale_dtype)))  # [K/blk, N]
         w = b.op("DequantizeLinear", b.const(codes, name + ".qweight"),
                  b.const(scale, name + ".scales"), axis=0, block_size=qw.block)
-        if g.scale_dtype != "float32":
-            w = b.op("Cast", w, to=TensorProto.FLOAT)
-        return b.op("MatMul", x, w, name=out)
+        return b.op("MatMul", x, self._to_act(w, scale.dtype), name=out)

@@ -15,6 +15,10 @@ Defaults, each chosen by measurement on SmolLM2-135M (perplexity on held-out tex
   95-96% top-1 agreement depending on smoothing/GPTQ, blocks +0.5% and 97.7%.
 - int8 portable: W8A8 with static per-tensor activation scales (TensorRT's int8 GEMM) where that
   works, W8A16 for the down projection and the LM head (see `weight_only`).
+- fp16 and the portable flavours are float16 graphs (graph.py: float16 activations and KV pool,
+  RMSNorm / softmax / RoPE tables in float32, float32 logits), every DequantizeLinear scale
+  float16 and strictly positive (quant_formats.SCALE_FLOOR; the manifest counts clamped scales);
+  the cpu flavours keep float32 activations (ORT's fused kernels).
 - int4: GPTQ (with a per-block clipping search when symmetric); symmetric by default (TensorRT).
 - the int8 embedding table is shared with a tied LM head; cpu stores it on llama.cpp's Q8_0 grid.
 """
@@ -32,8 +36,8 @@ from export.calibration import LM_HEAD, CalibConfig, Calibration, calibrate
 from export.checkpoint import Checkpoint
 from export.gates import quality_gate
 from export.gptq import gptq
-from export.graph import OPSET, DecoderGraphBuilder
-from export.quant_formats import Grid, QuantizedWeight, choose_block, rtn
+from export.graph import IO, OPSET, DecoderGraphBuilder
+from export.quant_formats import SCALE_FLOOR, Grid, QuantizedWeight, choose_block, rtn
 from export.quant_graph import QuantOps
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -44,9 +48,12 @@ HEAD_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 MS_DOMAIN = "com.microsoft"
 EMBED = "model.embed_tokens.weight"
 # ONNX Runtime fuses Q/DQ around a MatMul into a u8s8 integer GEMM whose int16 pair sums
-# saturate on AVX2 CPUs without VNNI (outputs measurably wrong); running Q/DQ as written is exact.
-# Written to the manifest (graph.ort_session_config) for any ORT session of such a graph.
+# saturate on AVX2 CPUs without VNNI (outputs measurably wrong), and a blocked int4 DQ feeding a
+# MatMul into MatMulNBits at accuracy level 4 (int8 activations: 15% of the logits' range off on a
+# tiny model); running Q/DQ as written is exact. Written to the manifest
+# (graph.ort_session_config) for any ORT session of a graph with Q/DQ nodes.
 PORTABLE_INT8_ORT_CONFIG = {"session.disable_quant_qdq": "1"}
+PORTABLE_ORT_CONFIG = PORTABLE_INT8_ORT_CONFIG
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,9 @@ class QuantConfig:
     method: str | None = None  # None: gptq
     symmetric: bool = True
     zero_point: str = "float"  # asymmetric only: "float" (Q4_1's min) or "int" (uint8 codes)
-    scale_dtype: str = "float16"  # int4 block scales; int8 per-channel scales are float32
+    # int4 block scales; int8 per-channel scales are the activation dtype in portable, float32 in
+    # cpu's MatMulInteger kernel (its blocked kernel takes this one)
+    scale_dtype: str = "float16"
     embedding: str | None = None  # None: int8 for int8/int4, else the precision
     lm_head: str | None = None  # None: the embedding's (tied: one shared table)
     smooth_alpha: float | None = None  # SmoothQuant (int8); None: 0.75 cpu, 0.5 portable
@@ -95,6 +104,22 @@ class QuantConfig:
             raise ValueError(
                 "the portable flavour is symmetric int4 (TensorRT's DequantizeLayer takes zero "
                 "point 0 only); use --flavour cpu for --asymmetric")
+        if (self.activation_dtype == "float16" and self.scale_dtype != "float16"
+                and "int4" in (self.precision, self.lm_head)):
+            raise ValueError(
+                "the portable flavour's scales are float16: its activations are float16 and a "
+                "strongly typed DequantizeLinear outputs its scale's type (--scale-dtype float32 "
+                "is for --flavour cpu)")
+
+    @property
+    def activation_dtype(self) -> str:
+        """float16 for fp16 and the portable int8/int4 graphs (what TensorRT builds as a
+        strongly typed network); float32 for fp32 and the cpu flavours (ORT's fused kernels
+        take float32)."""
+        if self.precision == "fp16" or (self.precision in ("int8", "int4")
+                                        and self.flavour == "portable"):
+            return "float16"
+        return "float32"
 
     @property
     def weight_only_layers(self) -> tuple[str, ...]:
@@ -157,10 +182,11 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
     def __init__(self, ckpt: Checkpoint, qcfg: QuantConfig,
                  calibration: Calibration | None = None,
                  progress: Callable[[int], None] | None = None):
-        super().__init__(ckpt, progress)
+        super().__init__(ckpt, progress, dtype=qcfg.activation_dtype)
         self.q = qcfg
         self.calibration = calibration
-        self.ops = QuantOps(self.b, qcfg.accuracy_level)
+        self.ops = QuantOps(self.b, qcfg.accuracy_level, act=self.act)
+        assert not (self.float16 and qcfg.graph_flavour == "cpu"), "cpu kernels are float32"
         self.layers: dict[str, dict[str, Any]] = {}
         self.quantized: dict[str, QuantizedWeight] = {}  # what the graph computes with
         self._table: dict[str, Any] | None = None  # the int8 embedding table, if shared
@@ -171,10 +197,24 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
             return None
         return self.calibration.stats.get(name)
 
+    def _int8_scale_dtype(self) -> str:
+        """Per-channel int8 weight scales: the activation dtype in portable (a DequantizeLinear
+        outputs its scale's type), float32 for the cpu MatMulInteger kernel."""
+        return self.dtype if self.q.flavour == "portable" else "float32"
+
+    @staticmethod
+    def _clamped(qw: QuantizedWeight) -> int:
+        """Scales that grid_params raised from 0 to the floor of their dtype (all-zero blocks,
+        and blocks whose scale rounds to 0): the floor with every code of the block 0 (a block
+        whose scale is naturally the floor has its largest weight at a code near qmax)."""
+        at_floor = qw.scale <= SCALE_FLOOR[qw.grid.scale_dtype]
+        codes = qw.codes.reshape(qw.n, qw.blocks, qw.block)
+        return int((at_floor & ~codes.any(axis=-1)).sum())
+
     def _grid(self, bits: int) -> Grid:
         q = self.q
         if bits == 8:
-            return Grid(8, None, True, None, "float32")
+            return Grid(8, None, True, None, self._int8_scale_dtype())
         return Grid(4, q.group_size, q.symmetric, None if q.symmetric else q.zero_point,
                     q.scale_dtype)
 
@@ -217,12 +257,16 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
         s = amax ** alpha / wmax ** (1 - alpha)
         return np.clip(s, 1e-4, 1e4).astype(np.float32)
 
-    def _act_scale(self, name: str, smooth: np.ndarray | None) -> float:
+    def _act_scale(self, name: str, smooth: np.ndarray | None) -> tuple[float, bool]:
+        """The static per-tensor activation scale, exact in the activation dtype and at least
+        its floor; and whether it was clamped up to that floor."""
         stats = self._stats(name)
         if stats is None:
             raise ValueError(f"{name}: static activation scales need calibration")
         amax = stats.absmax / (smooth if smooth is not None else 1.0)
-        return float(max(amax.max(), 1e-8) / 127.0)
+        scale = np.float32(max(float(amax.max()), 1e-8) / 127.0)
+        rounded = float(np.asarray(scale).astype(self.np_act))
+        return (rounded, False) if rounded > 0 else (SCALE_FLOOR[self.dtype], True)
 
     def _emit(self, x: str, w: np.ndarray, name: str, precision: str, rank: int,
               out: str | None = None, allow_smooth: bool = True) -> str:
@@ -231,15 +275,21 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
         if precision == "fp32":
             self.layers[name] = {"precision": "fp32", "op": "MatMul"}
             wc = b.const(np.ascontiguousarray(w.T, np.float32), name)
-            return b.op("MatMul", x, wc, name=out)
+            if not self.float16:
+                return b.op("MatMul", x, wc, name=out)
+            # float32 asked inside a float16 graph (only the LM head can be): float32 compute
+            self.layers[name]["op"] = "Cast+MatMul"
+            y = b.op("MatMul", self.cast(x, onnx.TensorProto.FLOAT), wc,
+                     name=IO.logits if out == self.logits_out else None)
+            return y if out == self.logits_out else self.cast(y, self.act)
         if precision == "fp16":
             self.layers[name] = {"precision": "fp16", "op": "MatMul", "weight_dtype": "float16"}
             return ops.fp16_matmul(x, np.ascontiguousarray(w.T), name, out)
         method = q.resolved_method
         if precision == "int8":
             smooth = self._smoothing(name, w) if allow_smooth else None
-            inv = None if smooth is None else b.const((1.0 / smooth).astype(np.float32),
-                                                      name + ".smooth_inv")
+            inv = None if smooth is None else b.const(1.0 / smooth, name + ".smooth_inv",
+                                                      self.np_act)
             if q.flavour == "cpu" and q.int8_kernel == "blocks":
                 self.opsets[MS_DOMAIN] = 1
                 grid = Grid(8, choose_block(w.shape[1], q.int8_block, "cpu"), True, None,
@@ -248,6 +298,7 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
                 xs = x if inv is None else b.op("Mul", x, inv)
                 y = ops.int8_blocked_matmul(xs, ops.int8_blocked_table(qw, name), out)
                 self.layers[name] = qw.manifest(
+                    scales_clamped=self._clamped(qw),
                     precision="int8", op="MatMulNBits(bits=8)", weight_storage="uint8+128",
                     activation={"bits": 8, "granularity": "per_row_per_block",
                                 "mode": "dynamic", "accuracy_level": 4,
@@ -267,15 +318,16 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
                 op = "MatMulInteger"
             else:
                 wq, ws = ops.int8_weight_s8(qw, name)
-                scale = self._act_scale(name, smooth)
+                scale, clamped = self._act_scale(name, smooth)
                 act = {"bits": 8, "granularity": "per_tensor", "mode": "static",
-                       "symmetric": True, "dtype": "int8", "scale": scale}
+                       "symmetric": True, "dtype": "int8", "scale": scale,
+                       "scale_dtype": self.dtype, "scale_clamped": clamped}
                 y = ops.int8_static(x, wq, ws, scale, inv, out)
                 op = "QDQ+MatMul"
             if act is not None:
                 act["smoothing"] = None if smooth is None else {"alpha": q.alpha}
             self.layers[name] = qw.manifest(
-                precision="int8", op=op, activation=act,
+                precision="int8", op=op, activation=act, scales_clamped=self._clamped(qw),
                 weight_storage="uint8+128" if op == "MatMulInteger" else "int8")
             return y
         qw = self._quantize(name, w, 4, method)
@@ -287,7 +339,8 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
         else:
             y = ops.int4_dq(x, qw, name, out)
             op, extra = "DequantizeLinear(blocked)+MatMul", {}
-        self.layers[name] = qw.manifest(precision="int4", op=op, activation=None, **extra)
+        self.layers[name] = qw.manifest(precision="int4", op=op, activation=None,
+                                        scales_clamped=self._clamped(qw), **extra)
         return y
 
     # ---- the hooks ------------------------------------------------------------------------
@@ -314,7 +367,7 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
                 self._table = {"qw": qw, "kind": "blocked",
                                **self.ops.int8_blocked_table(qw, EMBED)}
             else:
-                qw = rtn(EMBED, e, Grid(8, None, True, None, "float32"))
+                qw = rtn(EMBED, e, Grid(8, None, True, None, self._int8_scale_dtype()))
                 wq, ws = self.ops.int8_weight_s8(qw, EMBED)
                 self._table = {"qw": qw, "kind": "per_row", "weight": wq, "scale": ws}
             self.quantized[EMBED] = qw
@@ -323,67 +376,85 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
     def embedding(self, ids: str) -> str:
         prec = self.q.embedding_precision
         b = self.b
-        if prec == "fp32":
+        if prec == "fp32" and not self.float16:
             self.layers[EMBED] = {"precision": "fp32", "op": "Gather"}
             return super().embedding(ids)
         e = self.ckpt.weight(EMBED)
-        if prec == "fp16":
-            self.layers[EMBED] = {"precision": "fp16", "op": "Gather+Cast",
-                                  "weight_dtype": "float16"}
-            table = b.const(e.astype(np.float16), EMBED)
-            return b.op("Cast", b.op("Gather", table, ids, axis=0), to=onnx.TensorProto.FLOAT)
+        if prec in ("fp32", "fp16"):
+            storage = np.float32 if prec == "fp32" else np.float16
+            rows = b.op("Gather", b.const(e, EMBED, storage), ids, axis=0)
+            self.layers[EMBED] = {
+                "precision": prec, "weight_dtype": np.dtype(storage).name,
+                "op": "Gather" if np.dtype(storage) == self.np_act else "Gather+Cast"}
+            return self.ops._to_act(rows, storage)
         t = self._int8_table()
         shared = self._shared_table()
         if t["kind"] == "blocked":
             self.layers[EMBED] = t["qw"].manifest(
                 precision="int8", op="Gather+Cast+Mul(block scales)", activation=None,
                 layout="[vocab, blocks, block]", shared_with_lm_head=shared,
+                scales_clamped=self._clamped(t["qw"]),
                 weight_storage="uint8+128")
             return self.ops.int8_blocked_gather(t, ids, self.cfg.hidden_size)
-        rows = b.op("Gather", t["weight"], ids, axis=1)  # [hidden, S, T]
-        rows = b.op("Cast", b.op("Transpose", rows, perm=[1, 2, 0]), to=onnx.TensorProto.FLOAT)
-        scale = b.op("Unsqueeze", b.op("Gather", t["scale"], ids, axis=0),
-                     self.ops._c("axes_last", np.array([-1], np.int64)))
+        # Dequantize the table, then gather: TensorRT 10 has INT8 only on the quantized side of
+        # Q/DQ (no int8 Gather, Transpose or Cast). The DQ is the embedding's own (the tied LM
+        # head has another on the same codes: one consumer per DQ, as Q/DQ graphs want); the
+        # values are those of gathering the codes first (scale * code, rounded once).
+        table = b.op("DequantizeLinear", t["weight"], t["scale"], axis=1)  # [hidden, vocab]
+        rows = b.op("Gather", table, ids, axis=1)  # [hidden, S, T]
         self.layers[EMBED] = t["qw"].manifest(
-            precision="int8", op="Gather(axis=1)+Transpose+Cast+Mul", activation=None,
-            layout="[hidden, vocab]", shared_with_lm_head=shared, weight_storage="int8")
-        return b.op("Mul", rows, scale)
+            precision="int8", op="DequantizeLinear+Gather(axis=1)+Transpose", activation=None,
+            layout="[hidden, vocab]", shared_with_lm_head=shared, weight_storage="int8",
+            scales_clamped=self._clamped(t["qw"]))
+        return self.ops._to_act(b.op("Transpose", rows, perm=[1, 2, 0]),
+                                np.dtype(t["qw"].grid.scale_dtype))
 
     def lm_head(self, rows: str) -> str:
-        from export.graph import IO
-
+        """Logits under `logits_out` (float16 in a float16 graph: `build` casts them), or
+        directly under IO.logits when computed in float32."""
         prec = self.q.lm_head_precision
         tied = self.cfg.tie_word_embeddings
+        out = self.logits_out
         if prec == "fp32" and self.q.embedding_precision == "fp32":
-            self.layers[LM_HEAD] = {"precision": "fp32", "op": "Gemm", "tied": tied}
-            return super().lm_head(rows)
+            if not self.float16:
+                self.layers[LM_HEAD] = {"precision": "fp32", "op": "Gemm", "tied": tied}
+                return super().lm_head(rows)
+            if tied:  # the float32 embedding table, float32 compute
+                self.layers[LM_HEAD] = {"precision": "fp32", "op": "Cast+Gemm", "tied": True,
+                                        "shares": EMBED}
+                return self.b.op("Gemm", self.cast(rows, onnx.TensorProto.FLOAT), EMBED,
+                                 transB=1, name=IO.logits)
         if tied and prec == "fp16" and self.q.embedding_precision == "fp16":
-            self.layers[LM_HEAD] = {"precision": "fp16", "op": "Cast+Gemm", "tied": True,
+            self.layers[LM_HEAD] = {"precision": "fp16", "op": "Gemm", "tied": True,
                                     "shares": EMBED, "weight_dtype": "float16"}
-            head = self.b.op("Cast", EMBED, to=onnx.TensorProto.FLOAT)
-            return self.b.op("Gemm", rows, head, transB=1, name=IO.logits)
+            head = self.ops._to_act(EMBED, np.float16)
+            if head != EMBED:
+                self.layers[LM_HEAD]["op"] = "Cast+Gemm"
+            return self.b.op("Gemm", rows, head, transB=1, name=out)
         if self._shared_table():
             t = self._int8_table()
             if t["kind"] == "blocked":
                 self.opsets[MS_DOMAIN] = 1
-                y = self.ops.int8_blocked_matmul(rows, t, out=IO.logits)
+                y = self.ops.int8_blocked_matmul(rows, t, out=out)
                 act = {"bits": 8, "granularity": "per_row_per_block", "mode": "dynamic",
                        "accuracy_level": 4}
                 op = "MatMulNBits(bits=8)"
             elif any(p in LM_HEAD for p in self.q.weight_only_layers):
-                y = self.ops.int8_weight_only(rows, t["weight"], t["scale"], out=IO.logits)
+                y = self.ops.int8_weight_only(rows, t["weight"], t["scale"], out=out)
                 act, op = None, "DequantizeLinear+MatMul"
             else:
-                scale = self._act_scale(LM_HEAD, None)
-                y = self.ops.int8_static(rows, t["weight"], t["scale"], scale, out=IO.logits)
+                scale, clamped = self._act_scale(LM_HEAD, None)
+                y = self.ops.int8_static(rows, t["weight"], t["scale"], scale, out=out)
                 act = {"bits": 8, "granularity": "per_tensor", "mode": "static",
-                       "symmetric": True, "dtype": "int8", "scale": scale}
+                       "symmetric": True, "dtype": "int8", "scale": scale,
+                       "scale_dtype": self.dtype, "scale_clamped": clamped}
                 op = "QDQ+MatMul"
             self.layers[LM_HEAD] = t["qw"].manifest(precision="int8", op=op, activation=act,
-                                                    tied=True, shares=EMBED)
+                                                    tied=True, shares=EMBED,
+                                                    scales_clamped=self._clamped(t["qw"]))
             return y
         w = self.ckpt.lm_head()
-        y = self._emit(rows, w, LM_HEAD, prec, rank=2, out=IO.logits, allow_smooth=False)
+        y = self._emit(rows, w, LM_HEAD, prec, rank=2, out=out, allow_smooth=False)
         self.layers[LM_HEAD]["tied"] = tied
         self.layers[LM_HEAD]["shares"] = None
         return y
@@ -398,6 +469,9 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
             "symmetric": q.symmetric,
             "zero_point": None if q.symmetric else q.zero_point,
             "scale_dtype": q.scale_dtype,
+            "activation_dtype": self.dtype,
+            # scales are never below this (the per-layer scales_clamped counts those raised)
+            "scale_floor": {"float16": SCALE_FLOOR["float16"], "float32": SCALE_FLOOR["float32"]},
             "embedding": q.embedding_precision,
             "lm_head": q.lm_head_precision,
             "smoothquant_alpha": q.alpha,
@@ -417,6 +491,7 @@ class QuantizedGraph:
     calibration: Calibration | None
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)
     ort_session_config: dict[str, str] = field(default_factory=dict)
+    activation_dtype: str = "float32"  # also the KV pool's dtype
 
 
 def build_quantized(ckpt: Checkpoint, qcfg: QuantConfig, calibration: Calibration | None = None,
@@ -439,8 +514,8 @@ def build_quantized(ckpt: Checkpoint, qcfg: QuantConfig, calibration: Calibratio
     model = builder.build()
     domains = sorted(builder.opsets)
     assert builder.opsets[""] == OPSET
-    qdq = any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
     return QuantizedGraph(model, qcfg.precision, qcfg.graph_flavour, domains,
                           builder.manifest() if qcfg.precision != "fp32" else None,
                           calibration if qcfg.needs_calibration() else None, builder.quantized,
-                          dict(PORTABLE_INT8_ORT_CONFIG) if qdq else {})
+                          dict(PORTABLE_ORT_CONFIG) if qdq else {}, builder.dtype)

@@ -27,16 +27,19 @@ class PagedRunner:
         self.bundle, self.bs = bundle, block_size
         rng = np.random.default_rng(seed)
         shape = (num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)
+        dtype = np.dtype(bundle.kv["dtype"])  # float16 for an fp16 graph
         self.pools = {}
         for pair in bundle.graph["pools"]:
             for name in pair:
-                pool = rng.normal(0, 3, size=shape).astype(np.float32)  # finite garbage
+                pool = rng.normal(0, 3, size=shape).astype(dtype)  # finite garbage
                 pool[0] = 0.0  # the null block
                 self.pools[name] = pool
         self.free = [int(b) for b in rng.permutation(np.arange(1, num_blocks))]
         self.seqs: dict[int, _Seq] = {}
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 2
+        for key, value in (bundle.graph.get("ort_session_config") or {}).items():
+            opts.add_session_config_entry(key, str(value))  # as the runtime does
         self.session = ort.InferenceSession(str(bundle.model_path), opts,
                                             providers=["CPUExecutionProvider"])
 

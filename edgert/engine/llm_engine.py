@@ -21,23 +21,23 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgert.bundle import Bundle
-from edgert.config import EngineConfig
+from edgert.config import EngineConfig, SchedulerConfig
 from edgert.core.block_allocator import BlockAllocator, PoolUsage
 from edgert.core.plan import StepPlan
 from edgert.core.scheduler import RequestRejected, Scheduler
 from edgert.core.sequence import Sequence
 from edgert.core.shapes import ShapeMenu
 from edgert.outputs import RequestMetrics, RequestOutput, TokenLogprob
+from edgert.runner.backends import make_backend
 from edgert.runner.kv_pool import KVPool
 from edgert.runner.model_runner import ModelRunner
-from edgert.runner.ort_backend import OrtBackend
 from edgert.sample.logprobs import logprobs_of
 from edgert.sample.sampler import SamplerRow, sample
 from edgert.sampling_params import SamplingParams
 from edgert.text.stream import TokenStream
 from edgert.text.tokenizer import Tokenizer
 
-__all__ = ["EngineStats", "LLMEngine", "RequestRejected"]
+__all__ = ["EnginePlan", "EngineStats", "LLMEngine", "RequestRejected", "plan_engine"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,36 @@ class EngineStats:
     preemptions: int = 0
     requests_finished: int = 0
     max_decode_batch: int = 0
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """What a configuration makes of a bundle before anything is allocated: the pool, the
+    scheduler's limits and its shape menu. The engine and `edgert build-engine` (whose TensorRT
+    plan must fit the same pool and shapes) both take it from here."""
+
+    block_size: int
+    block_bytes: int
+    num_blocks: int  # including the null block
+    scheduler: SchedulerConfig
+    menu: ShapeMenu
+
+
+def plan_engine(bundle: Bundle, config: EngineConfig) -> EnginePlan:
+    cfg = bundle.config
+    block_size = config.block_size or int(bundle.kv["block_size"])
+    dtype = bundle.kv["dtype"]
+    block_bytes = KVPool.bytes_per_block(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                         block_size, dtype)
+    num_blocks = KVPool.num_blocks_for_budget(config.kv_memory, cfg.num_layers,
+                                              cfg.num_kv_heads, cfg.head_dim, block_size, dtype)
+    sched = config.scheduler(cfg.max_position_embeddings)
+    usable = num_blocks - 1
+    menu = ShapeMenu(
+        max_num_seqs=sched.max_num_seqs, token_budget=sched.max_num_batched_tokens,
+        max_blocks=min(-(-sched.max_model_len // block_size), usable), pool_blocks=usable,
+        block_size=block_size, split_decode=sched.max_decode_calls > 1)
+    return EnginePlan(block_size, block_bytes, num_blocks, sched, menu)
 
 
 @dataclass
@@ -81,28 +111,18 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(
             bundle, verify=config.verify_bundle)
-        self.model_config = cfg = self.bundle.config
+        self.model_config = self.bundle.config
         self.tokenizer = Tokenizer.from_bundle(self.bundle)
-        self.block_size = config.block_size or int(self.bundle.kv["block_size"])
-        self.block_bytes = KVPool.bytes_per_block(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                                                  self.block_size, self.bundle.kv["dtype"])
-        num_blocks = KVPool.num_blocks_for_budget(
-            config.kv_memory, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.block_size,
-            self.bundle.kv["dtype"])
-        self.allocator = BlockAllocator(num_blocks, self.block_size,
+        plan = plan_engine(self.bundle, config)
+        self.block_size, self.block_bytes = plan.block_size, plan.block_bytes
+        self.max_model_len, self.menu = plan.scheduler.max_model_len, plan.menu
+        self.allocator = BlockAllocator(plan.num_blocks, self.block_size,
                                         enable_prefix_caching=config.enable_prefix_caching)
-        sched = config.scheduler(cfg.max_position_embeddings)
-        self.max_model_len = sched.max_model_len
-        usable = num_blocks - 1
-        self.menu = ShapeMenu(
-            max_num_seqs=sched.max_num_seqs, token_budget=sched.max_num_batched_tokens,
-            max_blocks=min(self.allocator.blocks_needed(self.max_model_len), usable),
-            pool_blocks=usable, block_size=self.block_size,
-            split_decode=sched.max_decode_calls > 1)
         self._seq_ids = itertools.count(1)
-        self.scheduler = Scheduler(sched, self.allocator, self.menu, self._seq_ids.__next__)
-        self.runner = ModelRunner(OrtBackend(self.bundle, num_blocks, self.block_size,
-                                             config.backend), self.block_size)
+        self.scheduler = Scheduler(plan.scheduler, self.allocator, self.menu,
+                                   self._seq_ids.__next__)
+        self.runner = ModelRunner(make_backend(self.bundle, plan.num_blocks, self.block_size,
+                                               config.backend, self.menu), self.block_size)
         self.stats = EngineStats()
         self._requests: dict[str, _Request] = {}
 

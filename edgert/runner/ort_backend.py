@@ -1,13 +1,13 @@
-"""ONNX Runtime backend: one session, and the KV pool it computes on.
+"""ONNX Runtime backend on the CPU: one session, and the KV pool it computes on.
 
-The backend owns the pool (the engine never sees where it lives): on the CPU provider a host
-numpy array whose per-layer views are bound zero-copy once, at start, through IO binding, so a
-step binds only the small index inputs. `run` applies the step's copy-on-write block copies,
-runs the graph and scatters the returned new K/V into the pool; only logits come back.
+The backend owns the pool (the engine never sees where it lives): a host numpy array whose
+per-layer views are bound zero-copy once, at start, through IO binding, so a step binds only the
+small index inputs. `run` applies the step's copy-on-write block copies, runs the graph and
+scatters the returned new K/V into the pool; only logits come back.
 
-The CUDA and TensorRT execution providers are refused for now: ORT copies a host OrtValue to the
-device when it is bound, so a host pool can never serve a GPU (the graph would read a stale copy
-forever). They need a device-resident pool with a device-side scatter (issue 9)."""
+A host pool can never serve a GPU provider (ORT copies a host OrtValue to the device when it is
+bound, and the graph would read that stale copy forever): the CUDA and TensorRT providers run in
+ort_gpu_backend.py, on a device-resident pool."""
 
 from __future__ import annotations
 
@@ -67,10 +67,8 @@ class OrtBackend:
                 f"provider {config.provider!r} is not offered by the installed onnxruntime "
                 f"(it has: {', '.join(available_providers())}); install onnxruntime-gpu")
         if config.provider != "cpu":
-            raise ValueError(
-                f"provider {config.provider!r} needs a device-resident KV pool, which this "
-                "edgert does not have yet (a host pool bound to a GPU provider is copied once "
-                "and never seen again); use --provider cpu")
+            raise ValueError(f"OrtBackend runs the CPU provider, not {config.provider!r} "
+                             "(runner/backends.py picks the backend)")
         cfg = bundle.config
         self.pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size,
                            num_blocks, np.dtype(bundle.kv["dtype"]))

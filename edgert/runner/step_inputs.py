@@ -102,6 +102,17 @@ def fresh_prefill(windows: np.ndarray, block_size: int,
     return inputs
 
 
+def at_least_one_logit(x: StepInputs) -> tuple[StepInputs, int]:
+    """(inputs asking for at least one logits row, how many rows are real). A middle prefill
+    chunk needs no logits; a TensorRT profile cannot start at N = 0, so such a call asks for
+    row 0 and the caller drops it."""
+    n = int(x.logits_indices.size)
+    if n:
+        return x, n
+    return StepInputs(x.input_ids, x.positions, x.query_lens, x.context_lens, x.block_tables,
+                      np.zeros(1, np.int32)), 0
+
+
 def dummy_inputs(shape: Shape) -> StepInputs:
     """Inputs of a given shape that read only the null block: for warm-up."""
     s, t, b = shape

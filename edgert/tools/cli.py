@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     from edgert.tools.evaluate import register_eval
 
     register_eval(sub)
+    from edgert.tools.build_engine import register as register_build_engine
+
+    register_build_engine(sub)
     for ep in entry_points(group="edgert.commands"):
         try:
             ep.load()(sub)
