@@ -1,38 +1,59 @@
-"""Device profiles: one JSON file per target board, read by the runtime to size the KV pool and
-by the TensorRT engine builder to pick precisions and limits. Shipped as package data so a board
-that installed only the runtime still has them."""
+"""Device profiles: one JSON file per target board, read by the fit plan (`edgert plan`, `serve
+--device`) to size the KV pool and by the TensorRT engine builder to pick precisions and limits.
+Shipped as package data so a board that installed only the runtime still has them. Every number
+carries its source in the file's `sources`; one that could not be confirmed is listed in
+`estimates` (devices/README.md says how each was found)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
+
+KINDS = ("jetson", "dgpu", "cpu")
+
+
+@dataclass(frozen=True)
+class Software:
+    """What the board's OS image ships (JetPack on a Jetson), None where it does not apply."""
+
+    jetpack: str | None = None
+    tensorrt: str | None = None  # e.g. "10.3"; None: no TensorRT for this target
+    cuda: str | None = None
+    python: str | None = None
 
 
 @dataclass(frozen=True)
 class DeviceProfile:
     name: str
     description: str
-    kind: str  # "jetson" (unified CPU/GPU memory), "dgpu", or "cpu"
-    memory_bytes: int  # total memory the model + pool share (unified on Jetson)
-    reserved_bytes: int  # left to the OS, CUDA context, the server and the tokenizer
+    kind: str  # "jetson" (CPU and GPU share memory), "dgpu" (a card with its own), or "cpu"
+    # The memory the model, the pool and the activations live in: the unified DRAM of a Jetson,
+    # the card's of a dGPU, the host's on a CPU target (None: this machine's, read at plan time).
+    memory_bytes: int | None
+    memory_shared: bool  # shared with the CPU, so the OS reserve comes out of it too
+    memory_bandwidth_gbps: float | None  # peak, GB/s: decode is bound by it
     compute_capability: str | None  # e.g. "8.7" for Orin; None on CPU
-    precisions: tuple[str, ...]  # what this target runs well, best first
-    tensorrt: bool
+    software: Software
+    precisions: tuple[str, ...]  # what this target runs, best first
+    # Left to the OS and its services (on a shared-memory board), and what a CUDA context with
+    # cuBLAS/cuDNN takes once created; both are out of reach of the model and the pool.
+    os_reserve_bytes: int
+    cuda_context_bytes: int
     max_num_seqs: int
     max_model_len: int
     # TensorRT builder workspace limit: a build takes the weights, the pool and this at once,
     # and on an 8 GB Orin Nano an unbounded one can be OOM-killed. A chosen limit, not a
     # hardware fact (1 GiB on 8 GB boards, more where memory allows).
     trt_workspace_bytes: int = 1 << 30
+    sources: dict[str, str] = field(default_factory=dict)  # field -> where the number is from
+    estimates: tuple[str, ...] = ()  # fields whose numbers are not confirmed by a source
 
-    def kv_budget(self, weights_bytes: int, fraction: float = 0.9) -> int:
-        """Bytes for the KV pool: a fraction of what is left after weights and the reserve."""
-        free = self.memory_bytes - self.reserved_bytes - weights_bytes
-        if free <= 0:
-            raise ValueError(f"{self.name}: weights ({weights_bytes >> 20} MiB) do not fit in "
-                             f"{(self.memory_bytes - self.reserved_bytes) >> 20} MiB")
-        return int(free * fraction)
+    @property
+    def tensorrt(self) -> bool:
+        """Whether edgert can build TensorRT engines here (TensorRT 10: strongly typed, INT4)."""
+        v = self.software.tensorrt
+        return v is not None and int(v.split(".")[0]) >= 10
 
 
 def names() -> list[str]:
@@ -46,4 +67,9 @@ def load(name: str) -> DeviceProfile:
         raise ValueError(f"unknown device profile {name!r}; known: {', '.join(names())}")
     d = json.loads(path.read_text())
     d["precisions"] = tuple(d["precisions"])
-    return DeviceProfile(**d)
+    d["estimates"] = tuple(d.get("estimates", ()))
+    d["software"] = Software(**d.get("software", {}))
+    profile = DeviceProfile(**d)
+    if profile.kind not in KINDS:
+        raise ValueError(f"{path}: kind {profile.kind!r} is not one of {KINDS}")
+    return profile

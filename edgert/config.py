@@ -52,7 +52,10 @@ class SchedulerConfig:
 
 @dataclass
 class EngineConfig:
-    kv_memory: int = 256 * MiB  # bytes for the KV pool, allocated once at start
+    # Bytes for the KV pool, allocated once at start; None: what the device's fit plan leaves
+    # (`kv_fraction` of it), refused when the bundle does not fit.
+    kv_memory: int | None = 256 * MiB
+    kv_fraction: float = 0.9
     block_size: int | None = None  # None: the bundle's default
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 256
@@ -84,7 +87,7 @@ def parse_memory(text: str, available: int | None = None) -> int:
         frac = float(t[:-1]) / 100
         if not 0 < frac <= 0.9:
             raise ValueError(f"--kv-memory {text}: a percentage must be in (0, 90]")
-        return int((_mem_available() if available is None else available) * frac)
+        return int((mem_available() if available is None else available) * frac)
     num = t.rstrip("kmgib")
     unit = t[len(num):]
     if unit not in _UNITS:
@@ -95,7 +98,7 @@ def parse_memory(text: str, available: int | None = None) -> int:
         raise ValueError(f"--kv-memory {text}: not a size") from None
 
 
-def _mem_available() -> int:
+def mem_available() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("MemAvailable:"):
@@ -107,17 +110,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """The runtime's options, shared by generate, serve and bench."""
     g = p.add_argument_group("engine")
     g.add_argument("--kv-memory", default=None,
-                   help="KV pool size, allocated once at start: bytes with a unit (512MiB) or a "
-                        "percentage (25%%) of the memory left after the weights on --device, "
-                        "else of the memory available now. Default: 90%% of the device's free "
-                        "memory with --device, else 256MiB")
+                   help="KV pool size, allocated once at start: bytes with a unit (512MiB), "
+                        "'auto' (what the fit plan of --device leaves after weights, "
+                        "activations, CUDA context and OS reserve: see `edgert plan`; without "
+                        "--device, this machine's CPU profile), or a percentage (25%%) of that "
+                        "with --device, else of the memory available now. A pool that does not "
+                        "fit is refused at start. Default: auto with --device, else 256MiB")
     g.add_argument("--device", default=None,
                    help="device profile (devices/*.json: orin-nano-8gb, t4-16gb, ...) that "
                         "sizes the pool and the limits")
     g.add_argument("--block-size", type=int, default=None,
                    help="tokens per KV block (default: the bundle's)")
-    g.add_argument("--max-num-seqs", type=int, default=16,
-                   help="sequences decoded together per step (default 16)")
+    g.add_argument("--max-num-seqs", type=int, default=None,
+                   help="sequences decoded together per step (default: the --device "
+                        "profile's, else 16)")
     g.add_argument("--max-num-batched-tokens", type=int, default=256,
                    help="prefill tokens per step, padded, so a long prompt cannot stall "
                         "decoding (default 256)")
@@ -148,19 +154,24 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    kv_memory = parse_memory(args.kv_memory or "256MiB")
+    text = (args.kv_memory or ("auto" if args.device else "256MiB")).strip().lower()
+    kv_memory: int | None = None
+    fraction = 0.9
+    if text.endswith("%") and args.device:
+        fraction = parse_memory(text, available=MiB) / MiB  # checked like any percentage
+    elif text != "auto":
+        kv_memory = parse_memory(text)
+    max_num_seqs = args.max_num_seqs or 16
     if args.device:
         import devices
-        from edgert.bundle import Bundle
 
         profile = devices.load(args.device)
-        weights = Bundle.load(args.bundle, verify=False).weights_bytes()
-        free = profile.kv_budget(weights, fraction=1.0)
-        kv_memory = parse_memory(args.kv_memory or "90%", available=free)
+        max_num_seqs = args.max_num_seqs or profile.max_num_seqs
         if args.max_model_len is None:
             args.max_model_len = profile.max_model_len
     return EngineConfig(
-        kv_memory=kv_memory, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+        kv_memory=kv_memory, kv_fraction=fraction, block_size=args.block_size,
+        max_num_seqs=max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         max_waiting=args.max_waiting, enable_prefix_caching=not args.no_prefix_caching,
         max_decode_calls=args.max_decode_calls,

@@ -154,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
             if (report.get("providers") or {}).get(provider):
                 entry["bench"][provider] = f"not run: {report['providers'][provider]}"
                 continue
-            extra = ["--device", "contract-test"] if provider == "tensorrt-native" else []
+            # the plan the contract suite built for its pool (tests/test_backend_contract.DEVICE)
+            extra = ["--device", "t4-16gb"] if provider == "tensorrt-native" else []
             code, text = _sh([py, "-m", "edgert", "bench", str(bundle), "--offline",
                               "--provider", provider, "--requests", "8", "--prompt-len", "24",
                               "--output-len", "16", "--concurrency", "4", "--kv-memory", "1MiB",

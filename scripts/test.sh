@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh export,dev
 .venv/bin/ruff check edgert export tests scripts
+scripts/system_deps.sh  # sshd and rsync for tests/test_deploy.py
 exec .venv/bin/python -m pytest "$@"

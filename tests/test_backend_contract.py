@@ -28,9 +28,10 @@ from tests.paged_runner import PagedRunner
 
 VOCAB = 128  # tests/tiny_models.py's word-level vocabulary
 
-# The device-profile names the native backend's plans are built under: a plan fixes the pool's
-# size, and the preemption test uses a smaller pool.
-DEVICE, SMALL = "contract-test", "contract-test-small"
+# The device profiles the native backend's plans are built under: a plan fixes the pool's size,
+# and the preemption test uses a smaller pool, so it gets a plan of its own (under another
+# profile's name; the fit plan checks the tiny pools against each).
+DEVICE, SMALL = "t4-16gb", "orin-nano-8gb"
 SMALL_POOL = 14 * 2 * 2 * 2 * 4 * 16 * 4  # 14 blocks of 4 tokens of the tiny model, K and V
 NEAR_TIE = 1e-3  # teacher-forced top-2 gap (fp32 logits) below which a GPU may pick the other
 

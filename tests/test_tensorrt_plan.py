@@ -119,7 +119,7 @@ def test_build_engine_refuses_clearly_without_tensorrt(tiny, tmp_path):
         pytest.skip("TensorRT is installed here: the GPU check builds for real")
     proc = run(str(tiny.path))
     assert proc.returncode == 2 and "--device PROFILE is required" in proc.stderr
-    proc = run(str(tiny.path), "--device", "cpu-2core")
+    proc = run(str(tiny.path), "--device", "cpu-x86-64")
     assert proc.returncode == 2 and "has no TensorRT" in proc.stderr
 
 

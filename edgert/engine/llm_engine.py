@@ -27,6 +27,7 @@ from edgert.core.plan import StepPlan
 from edgert.core.scheduler import RequestRejected, Scheduler
 from edgert.core.sequence import Sequence
 from edgert.core.shapes import ShapeMenu
+from edgert.engine.device_fit import menu_for, pool_blocks
 from edgert.outputs import RequestMetrics, RequestOutput, TokenLogprob
 from edgert.runner.backends import make_backend
 from edgert.runner.kv_pool import KVPool
@@ -72,18 +73,12 @@ class EnginePlan:
 def plan_engine(bundle: Bundle, config: EngineConfig) -> EnginePlan:
     cfg = bundle.config
     block_size = config.block_size or int(bundle.kv["block_size"])
-    dtype = bundle.kv["dtype"]
     block_bytes = KVPool.bytes_per_block(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                                         block_size, dtype)
-    num_blocks = KVPool.num_blocks_for_budget(config.kv_memory, cfg.num_layers,
-                                              cfg.num_kv_heads, cfg.head_dim, block_size, dtype)
+                                         block_size, bundle.kv["dtype"])
+    num_blocks = pool_blocks(bundle, config)
     sched = config.scheduler(cfg.max_position_embeddings)
-    usable = num_blocks - 1
-    menu = ShapeMenu(
-        max_num_seqs=sched.max_num_seqs, token_budget=sched.max_num_batched_tokens,
-        max_blocks=min(-(-sched.max_model_len // block_size), usable), pool_blocks=usable,
-        block_size=block_size, split_decode=sched.max_decode_calls > 1)
-    return EnginePlan(block_size, block_bytes, num_blocks, sched, menu)
+    return EnginePlan(block_size, block_bytes, num_blocks, sched,
+                      menu_for(bundle, config, num_blocks, block_size))
 
 
 @dataclass

@@ -155,6 +155,21 @@ def build_parser() -> argparse.ArgumentParser:
     from edgert.tools.build_engine import register as register_build_engine
 
     register_build_engine(sub)
+    from edgert.tools.deploy import register as register_deploy
+
+    register_deploy(sub)
+    from edgert.tools.pack import register as register_pack
+
+    register_pack(sub)
+    from edgert.tools.install import register as register_install
+
+    register_install(sub)
+    from edgert.tools.board import register as register_board
+
+    register_board(sub)
+    from edgert.tools.plan import register as register_plan
+
+    register_plan(sub)
     for ep in entry_points(group="edgert.commands"):
         try:
             ep.load()(sub)
