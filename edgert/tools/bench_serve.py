@@ -106,6 +106,7 @@ async def _one(http: Any, prompt: list[int], max_tokens: int) -> Sample:
     t0 = time.perf_counter()
     first: float | None = None
     usage: dict[str, Any] = {}
+    chunks = 0
     try:
         async with http.stream("POST", "/v1/completions", json=body) as resp:
             if resp.status_code != 200:
@@ -117,14 +118,16 @@ async def _one(http: Any, prompt: list[int], max_tokens: int) -> Sample:
                 event = json.loads(line[5:])
                 if "error" in event:
                     return Sample(False, error=str(event["error"].get("message")))
-                if first is None and event.get("choices"):
-                    first = time.perf_counter()
+                if event.get("choices") and event["choices"][0].get("text"):
+                    chunks += 1  # a peer that sends no usage: one token per chunk
+                    if first is None:
+                        first = time.perf_counter()
                 if event.get("usage"):
                     usage = event["usage"]
     except Exception as e:  # a load generator reports failures, it does not stop on them
         return Sample(False, error=f"{type(e).__name__}: {e}")
     end = time.perf_counter()
-    n = int(usage.get("completion_tokens", 0))
+    n = int(usage.get("completion_tokens", chunks))
     ttft = None if first is None else first - t0
     tpot = (end - first) / (n - 1) if first is not None and n > 1 else None
     return Sample(True, int(usage.get("prompt_tokens", len(prompt))), n, ttft, tpot, end - t0)
@@ -156,9 +159,18 @@ async def _level(http: Any, concurrency: int, work: list[tuple[list[int], int]],
         sorted({s.error for s in samples if s.error})[:5])
 
 
+def corpus_text(rng: random.Random, prompt_len: int) -> str:
+    """Random words, enough for prompts of `prompt_len` tokens drawn from anywhere in it."""
+    words = _WORDS.split()
+    return " ".join(rng.choice(words) for _ in range(3 * prompt_len + 512))
+
+
 async def run_bench(target: str, concurrency: list[int], requests: int, prompt_len: int,
                     output_len: int, dist: str = "uniform", rate: float | None = None,
-                    seed: int = 0, timeout: float = 600.0) -> list[LevelResult]:
+                    seed: int = 0, timeout: float = 600.0, corpus: list[int] | None = None,
+                    max_model_len: int | None = None) -> list[LevelResult]:
+    """`corpus` (token ids) and `max_model_len` given: the target is not asked for them (a
+    peer server without edgert's /v1/tokenize gets the very prompts edgert got)."""
     import httpx
 
     from edgert.client import _target
@@ -168,16 +180,16 @@ async def run_bench(target: str, concurrency: list[int], requests: int, prompt_l
     async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(timeout, connect=10),
                                  transport=httpx.AsyncHTTPTransport(uds=uds, limits=limits)
                                  ) as http:
-        resp = await http.get("/v1/models")
-        resp.raise_for_status()
-        max_model_len = int(resp.json()["data"][0].get("max_model_len") or 2048)
+        if max_model_len is None:
+            resp = await http.get("/v1/models")
+            resp.raise_for_status()
+            max_model_len = int(resp.json()["data"][0].get("max_model_len") or 2048)
         rng = random.Random(seed)
-        words = _WORDS.split()
-        corpus_words = " ".join(rng.choice(words) for _ in range(3 * prompt_len + 512))
-        resp = await http.post("/v1/tokenize", json={"prompt": corpus_words,
-                                                     "add_special_tokens": False})
-        resp.raise_for_status()
-        corpus = resp.json()["tokens"]
+        if corpus is None:
+            resp = await http.post("/v1/tokenize", json={"prompt": corpus_text(rng, prompt_len),
+                                                         "add_special_tokens": False})
+            resp.raise_for_status()
+            corpus = resp.json()["tokens"]
         results = []
         for c in concurrency:
             work = []

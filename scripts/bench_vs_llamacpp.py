@@ -1,0 +1,254 @@
+"""edgert against llama.cpp's server, side by side in one run (see bench_vs_llamacpp.sh).
+
+Both servers get the very same requests: token-id prompts cut from one corpus tokenized with the
+bundle's tokenizer (SmolLM2's GGUF carries the same vocabulary), `ignore_eos` so both emit exactly
+the drawn number of tokens, streamed, at each concurrency level. One server runs at a time on
+the same cores; each one's peak RSS is read from /proc (VmHWM) when its run ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache"
+LLAMA = CACHE / "llamacpp"
+SDIST = "llama-cpp-python==0.3.36"
+EDGERT = [str(ROOT / ".venv/bin/edgert")]
+EXPORTS = {  # bundle flavour -> `edgert export` precision arguments
+    "fp32": [],
+    "int8": ["--precision", "int8"],
+    "int4": ["--precision", "int4", "--group-size", "32", "--asymmetric"],
+}
+
+
+def cpu_flags() -> str:
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags.update(line.split(":", 1)[1].split())
+                break
+    text = Path("/proc/cpuinfo").read_text()
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
+                  if ln.startswith("model name")), "?")
+    keep = [x for x in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni") if x in flags]
+    return f"{model}, {os.cpu_count()} cores, {' '.join(keep)}"
+
+
+def build_llamacpp() -> Path:
+    """llama-server built natively from the registry sdist, once."""
+    server = LLAMA / "build" / "bin" / "llama-server"
+    if server.exists():
+        return server
+    LLAMA.mkdir(parents=True, exist_ok=True)
+    sdists = sorted(LLAMA.glob("llama_cpp_python-*.tar.gz"))
+    if not sdists:
+        subprocess.run([sys.executable, "-m", "pip", "download", SDIST, "--no-binary", ":all:",
+                        "--no-deps", "-d", str(LLAMA)], check=True)
+        sdists = sorted(LLAMA.glob("llama_cpp_python-*.tar.gz"))
+    src = LLAMA / sdists[-1].name.removesuffix(".tar.gz")
+    if not src.exists():
+        with tarfile.open(sdists[-1]) as t:
+            t.extractall(LLAMA, filter="data")
+    print(f"building llama-server from {src.name} (once; several minutes on 2 cores)", flush=True)
+    subprocess.run(["cmake", "-S", str(src / "vendor" / "llama.cpp"), "-B", str(LLAMA / "build"),
+                    "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
+                    "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"], check=True)
+    subprocess.run(["cmake", "--build", str(LLAMA / "build"), "--target", "llama-server",
+                    "llama-bench", "-j", str(os.cpu_count() or 2)], check=True)
+    return server
+
+
+def model_and_bundles(names: list[str]) -> tuple[Path, dict[str, Path]]:
+    env = {**os.environ, "EDGERT_CACHE": str(CACHE / "edgert")}
+    out = subprocess.run([*EDGERT, "pull", "smollm2-135m"], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    gguf = next(Path(w) for w in out.split() if w.endswith(".gguf"))
+    bundles = {}
+    for name in names:
+        path = CACHE / "bench_vs_llamacpp" / "bundles" / name
+        if subprocess.run([*EDGERT, "info", str(path)], capture_output=True).returncode != 0:
+            subprocess.run([*EDGERT, "export", "smollm2-135m", "-o", str(path), "--force",
+                            *EXPORTS[name]], env=env, check=True)
+        bundles[name] = path
+    return gguf, bundles
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _wait_healthy(target: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    import httpx
+
+    from edgert.client import _target
+
+    base, uds = _target(target)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with httpx.Client(base_url=base, transport=httpx.HTTPTransport(uds=uds),
+                              timeout=5) as c:
+                if c.get("/health").status_code == 200:
+                    return
+        except (httpx.HTTPError, OSError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("server not healthy in time")
+
+
+def run_server(cmd: list[str], target: str, args: argparse.Namespace, corpus: list[int],
+               max_model_len: int) -> dict:
+    from edgert.tools.bench_serve import run_bench
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        _wait_healthy(target, proc)
+        levels = asyncio.run(run_bench(
+            target, args.concurrency, args.requests, args.prompt_len, args.output_len,
+            "uniform", None, args.seed, 600.0, corpus=corpus, max_model_len=max_model_len))
+        rss = _peak_rss(proc.pid)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return {"levels": [{**asdict(r), "out_tok_s": r.output_tokens_per_s} for r in levels],
+            "peak_rss": rss}
+
+
+def ratios(ours: dict, peer: dict) -> list[dict]:
+    rows = []
+    for a, b in zip(ours["levels"], peer["levels"]):
+        def r(x: float | None, y: float | None) -> float | None:
+            return x / y if x and y else None
+        rows.append({"concurrency": a["concurrency"],
+                     "out_tok_s": r(a["out_tok_s"], b["out_tok_s"]),
+                     "ttft_p50": r(a["ttft"].get("p50"), b["ttft"].get("p50")),
+                     "tpot_p50": r(a["tpot"].get("p50"), b["tpot"].get("p50"))})
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--bundles", default="fp32,int8,int4",
+                    help=f"edgert bundles to compare ({', '.join(EXPORTS)})")
+    ap.add_argument("--requests", type=int, default=48, help="requests per level (48)")
+    ap.add_argument("--concurrency", default="1,16", help="levels (1,16)")
+    ap.add_argument("--prompt-len", type=int, default=141, help="mean prompt tokens (141)")
+    ap.add_argument("--output-len", type=int, default=80, help="mean output tokens (80)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--out", default=str(CACHE / "bench_vs_llamacpp"))
+    args = ap.parse_args()
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    names = [n for n in args.bundles.split(",") if n]
+    print(f"CPU: {cpu_flags()}", flush=True)
+    server = build_llamacpp()
+    gguf, bundles = model_and_bundles(names)
+    from edgert.bundle import Bundle
+    from edgert.text.tokenizer import Tokenizer
+    from edgert.tools.bench_serve import corpus_text
+
+    tok = Tokenizer.from_bundle(Bundle.load(bundles[names[0]], verify=False))
+    corpus = tok.encode(corpus_text(random.Random(args.seed), args.prompt_len),
+                        add_special_tokens=False)
+    report: dict = {"cpu": cpu_flags(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "workload": {k: getattr(args, k) for k in ("requests", "concurrency",
+                                                               "prompt_len", "output_len")},
+                    "runs": {}}
+    port = _free_port()
+    np_slots = max(args.concurrency)
+    report["runs"]["llama.cpp"] = run_server(
+        [str(server), "-m", str(gguf), "-t", str(args.threads), "-np", str(np_slots),
+         "-c", str(1024 * np_slots), "--host", "127.0.0.1", "--port", str(port)],
+        f"http://127.0.0.1:{port}", args, corpus, 1024)
+    for name in names:
+        sock = Path(tempfile.mkdtemp()) / "edgert.sock"
+        report["runs"][name] = run_server(
+            [*EDGERT, "serve", str(bundles[name]), "--socket", str(sock), "--no-verify"],
+            str(sock), args, corpus, 1024)
+        shutil.rmtree(sock.parent, ignore_errors=True)
+    peer = report["runs"]["llama.cpp"]
+    print("\nratios edgert / llama.cpp (out tok/s: higher is better; TTFT, TPOT, RSS: lower)")
+    print(f"{'bundle':8} {'conc':>4} {'out tok/s':>9} {'TTFT p50':>9} {'TPOT p50':>9} "
+          f"{'peak RSS':>9}")
+    for name in names:
+        run = report["runs"][name]
+        run["ratios"] = ratios(run, peer)
+        for row in run["ratios"]:
+            cells = [f"{row[k]:9.2f}x" if row[k] else "      n/a" for k in
+                     ("out_tok_s", "ttft_p50", "tpot_p50")]
+            print(f"{name:8} {row['concurrency']:>4} {' '.join(cells)} "
+                  f"{run['peak_rss'] / peer['peak_rss']:8.2f}x")
+    for name, run in report["runs"].items():
+        lv = {x["concurrency"]: x for x in run["levels"]}
+        print(f"{name:9} peak RSS {run['peak_rss'] >> 20} MiB; " + "; ".join(
+            f"c={c}: {x['out_tok_s']:.1f} out tok/s, TPOT p50 "
+            f"{x['tpot'].get('p50', float('nan')) * 1000:.1f} ms" for c, x in lv.items()))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    _plot(report, names, out / "report.png")
+    print(f"\nreport: {out / 'report.json'}")
+    return 0
+
+
+def _plot(report: dict, names: list[str], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for name in ["llama.cpp", *names]:
+        lv = report["runs"][name]["levels"]
+        xs = [x["concurrency"] for x in lv]
+        axes[0].plot(xs, [x["out_tok_s"] for x in lv], marker="o", label=name)
+        axes[1].plot(xs, [x["ttft"].get("p50", 0) * 1000 for x in lv], marker="o", label=name)
+        axes[2].plot(xs, [x["tpot"].get("p50", 0) * 1000 for x in lv], marker="o", label=name)
+    for ax, title in zip(axes, ("output tokens/s", "TTFT p50 (ms)", "TPOT p50 (ms)")):
+        ax.set_title(title)
+        ax.set_xlabel("concurrency")
+        ax.set_xscale("log", base=2)
+        ax.legend()
+    fig.suptitle(report["cpu"])
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
