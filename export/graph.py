@@ -195,6 +195,15 @@ class DecoderGraphBuilder:
         x = self.embedding(IO.input_ids)
 
         cos, sin = self._rope_tables()
+        if not cfg.qk_norm:
+            # cos/sin over the fused q, k, v heads [S, T, heads, d/2]: v's heads get cos 1 and
+            # sin 0, which leave them exactly as they are (x*1 - y*0 = x), so one RoPE serves
+            # the whole QKV projection.
+            rot = np.array([1] * (cfg.num_heads + kvh) + [0] * kvh, self.np_act).reshape(
+                1, 1, -1, 1)
+            keep = b.const(rot, "rope.rotated_heads")
+            cos_h = b.op("Add", b.op("Mul", cos, keep), b.const(1 - rot, "rope.kept_heads"))
+            self._qkv_rope = (cos_h, b.op("Mul", sin, keep))
         masks = self._masks()
         new_kv = []
         for layer in range(cfg.num_layers):
@@ -330,16 +339,17 @@ class DecoderGraphBuilder:
             bias = np.concatenate([w[p + "q_proj.bias"], w[p + "k_proj.bias"],
                                    w[p + "v_proj.bias"]])
             qkv = b.op("Add", qkv, b.const(bias, p + "qkv_proj.bias", self.np_act))
-        q, k, v = b.op("Split", qkv, b.const(np.array([nh * d, kvh * d, kvh * d], np.int64)),
-                       axis=-1, outputs=3)
-        q = b.op("Reshape", q, b.const(np.array([0, 0, nh, d], np.int64)))  # [S, T, nh, d]
-        k = b.op("Reshape", k, b.const(np.array([0, 0, kvh, d], np.int64)))
-        v = b.op("Reshape", v, b.const(np.array([0, 0, kvh, d], np.int64)))
-        if cfg.qk_norm:
+        split = b.const(np.array([nh, kvh, kvh], np.int64))
+        qkv = b.op("Reshape", qkv, b.const(np.array([0, 0, nh + 2 * kvh, d], np.int64)))
+        if cfg.qk_norm:  # per-head norms of q and k (not v) come before RoPE
+            q, k, v = b.op("Split", qkv, split, axis=2, outputs=3)  # [S, T, heads, d]
             q = self.rms_norm(q, w[p + "q_norm.weight"], p + "q_norm.weight")
             k = self.rms_norm(k, w[p + "k_norm.weight"], p + "k_norm.weight")
-        q = self.rope(q, cos, sin)
-        k = self.rope(k, cos, sin)  # [S, T, kvh, d]: this is what goes into the pool
+            q = self.rope(q, cos, sin)
+            k = self.rope(k, cos, sin)
+        else:  # one RoPE over all heads, v's with the identity rotation: 8 kernels, not 16
+            q, k, v = b.op("Split", self.rope(qkv, *self._qkv_rope), split, axis=2, outputs=3)
+        # k [S, T, kvh, d] (rotated) and v are what goes into the pool
 
         # Queries grouped per KV head, the g heads' rows stacked: [S, kvh, g*T, d], pre-scaled
         # by 1/sqrt(d). Stacking makes each attention GEMM at least two rows tall even when

@@ -135,7 +135,8 @@ def run_server(cmd: list[str], target: str, args: argparse.Namespace, corpus: li
         _wait_healthy(target, proc)
         levels = asyncio.run(run_bench(
             target, args.concurrency, args.requests, args.prompt_len, args.output_len,
-            "uniform", None, args.seed, 600.0, corpus=corpus, max_model_len=max_model_len))
+            "uniform", None, args.seed, 600.0, corpus=corpus, max_model_len=max_model_len,
+            keepalive=False))  # llama-server closes idle connections; both get the same
         rss = _peak_rss(proc.pid)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -168,15 +168,19 @@ def corpus_text(rng: random.Random, prompt_len: int) -> str:
 async def run_bench(target: str, concurrency: list[int], requests: int, prompt_len: int,
                     output_len: int, dist: str = "uniform", rate: float | None = None,
                     seed: int = 0, timeout: float = 600.0, corpus: list[int] | None = None,
-                    max_model_len: int | None = None) -> list[LevelResult]:
+                    max_model_len: int | None = None, keepalive: bool = True
+                    ) -> list[LevelResult]:
     """`corpus` (token ids) and `max_model_len` given: the target is not asked for them (a
-    peer server without edgert's /v1/tokenize gets the very prompts edgert got)."""
+    peer server without edgert's /v1/tokenize gets the very prompts edgert got). `keepalive`
+    False: a connection per request (a peer that closes idle connections would otherwise
+    fail the requests that reuse one)."""
     import httpx
 
     from edgert.client import _target
 
     base_url, uds = _target(target)
-    limits = httpx.Limits(max_connections=max(concurrency) + 4)
+    limits = httpx.Limits(max_connections=max(concurrency) + 4,
+                          max_keepalive_connections=None if keepalive else 0)
     async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(timeout, connect=10),
                                  transport=httpx.AsyncHTTPTransport(uds=uds, limits=limits)
                                  ) as http:
