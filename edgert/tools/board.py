@@ -810,20 +810,38 @@ def register(sub) -> None:
     add_actions(p)
 
 
+def add_service_args(g: Any) -> None:
+    """How the service runs: the same options for `deploy`, `install` and `board activate`."""
+    g.add_argument("--user", default="edgert", help="service user (edgert)")
+    g.add_argument("--group", default=None, help="socket group (default: the user's name)")
+    g.add_argument("--socket", default=DEFAULT_SOCKET, help=f"Unix socket ({DEFAULT_SOCKET})")
+    g.add_argument("--kv-memory", default="25%",
+                   help="edgert serve --kv-memory (25%%: with --device, of what the fit plan "
+                        "leaves)")
+    g.add_argument("--serve-args", default=None,
+                   help="more `edgert serve` flags, one quoted string")
+
+
+def add_start_args(g: Any, unit_dir: bool = True) -> None:
+    """How the board starts the service and how long it waits for READY=1."""
+    g.add_argument("--mode", choices=["auto", "systemd", "direct"], default="auto",
+                   help="systemd when /run/systemd/system exists (auto), else run the unit's "
+                        "ExecStart directly")
+    if unit_dir:
+        g.add_argument("--unit-dir", default="/etc/systemd/system",
+                       help="where the systemd mode installs the units")
+    g.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait for READY=1 (default: the unit's TimeoutStartSec, "
+                        "extended by EXTEND_TIMEOUT_USEC while the model loads)")
+
+
 def add_actions(p: argparse.ArgumentParser) -> None:
     bsub = p.add_subparsers(dest="board_command", required=True, metavar="ACTION")
 
     def common(q: argparse.ArgumentParser, service: bool = True) -> None:
         q.add_argument("--root", default=DEFAULT_ROOT, help=f"the deploy root ({DEFAULT_ROOT})")
         if service:
-            q.add_argument("--mode", choices=["auto", "systemd", "direct"], default="auto",
-                           help="systemd when /run/systemd/system exists (auto), else run the "
-                                "unit's ExecStart directly")
-            q.add_argument("--unit-dir", default="/etc/systemd/system",
-                           help="where the systemd mode installs the units")
-            q.add_argument("--timeout", type=float, default=None,
-                           help="seconds to wait for READY=1 (default: the unit's "
-                                "TimeoutStartSec, extended by EXTEND_TIMEOUT_USEC)")
+            add_start_args(q)
 
     q = bsub.add_parser("ensure-venv", help="a venv with this wheel (reused when installed)")
     common(q, service=False)
@@ -841,12 +859,8 @@ def add_actions(p: argparse.ArgumentParser) -> None:
     common(q)
     q.add_argument("--release", required=True)
     q.add_argument("--venv", required=True, help="the venv the release runs with")
-    q.add_argument("--user", default="edgert", help="service user (edgert)")
-    q.add_argument("--group", default=None, help="socket group (default: the user's name)")
-    q.add_argument("--socket", default=DEFAULT_SOCKET, help=f"Unix socket ({DEFAULT_SOCKET})")
-    q.add_argument("--kv-memory", default="25%", help="edgert serve --kv-memory (25%%)")
     q.add_argument("--device", default=None, help="device profile for edgert serve --device")
-    q.add_argument("--serve-args", default=None, help="more `edgert serve` flags, one string")
+    add_service_args(q)
     q.set_defaults(func=_run(activate))
 
     q = bsub.add_parser("rollback", help="switch back to the previous release and check it")

@@ -35,7 +35,13 @@ import time
 from pathlib import Path
 
 from edgert.bundle import MANIFEST, Bundle, BundleError, sha256_file
-from edgert.tools.board import DEFAULT_ROOT, DEFAULT_SOCKET, EXIT_DOWN, EXIT_ROLLED_BACK
+from edgert.tools.board import (
+    DEFAULT_ROOT,
+    EXIT_DOWN,
+    EXIT_ROLLED_BACK,
+    add_service_args,
+    add_start_args,
+)
 
 SOURCE_PARTS = ("edgert", "export", "devices", "pyproject.toml", "README.md")
 
@@ -377,15 +383,7 @@ def register(sub) -> None:
     g.add_argument("--pip-args", help="extra `pip install` arguments on the board (one string)")
     g.add_argument("--wheel", metavar="FILE", help="deploy this edgert wheel instead of "
                    "building one from this checkout")
-    g = p.add_argument_group("the service")
-    g.add_argument("--user", default="edgert", help="service user on the board (edgert)")
-    g.add_argument("--group", help="socket group (default: the user's name)")
-    g.add_argument("--socket", default=DEFAULT_SOCKET, help=f"Unix socket ({DEFAULT_SOCKET})")
-    g.add_argument("--kv-memory", default="25%", help="edgert serve --kv-memory (25%%)")
-    g.add_argument("--serve-args", help="more `edgert serve` flags, one quoted string")
-    g.add_argument("--mode", choices=["auto", "systemd", "direct"], default="auto",
-                   help="how the board runs the service: systemctl when systemd is running "
-                        "there (auto), else its ExecStart directly")
-    g.add_argument("--timeout", type=float, help="seconds to wait for READY=1 (default: the "
-                   "unit's TimeoutStartSec, extended while the model loads)")
+    g = p.add_argument_group("the service on the board")
+    add_service_args(g)
+    add_start_args(g, unit_dir=False)
     p.set_defaults(func=_run)

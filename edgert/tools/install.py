@@ -40,12 +40,13 @@ from typing import Any, BinaryIO
 from edgert.tools import board
 from edgert.tools.board import (
     DEFAULT_ROOT,
-    DEFAULT_SOCKET,
     EXIT_DOWN,
     EXIT_REFUSED,
     EXIT_ROLLED_BACK,
     BoardError,
     Layout,
+    add_service_args,
+    add_start_args,
 )
 
 PACK_MANIFEST = "PACK.json"
@@ -414,18 +415,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--python", help="interpreter for the venv (default: the one running this; "
                    "must be the Python the archive was packed for)")
     g = p.add_argument_group("the service (as for edgert deploy)")
-    g.add_argument("--user", default="edgert", help="service user (edgert)")
-    g.add_argument("--group", help="socket group (default: the user's name)")
-    g.add_argument("--socket", default=DEFAULT_SOCKET, help=f"Unix socket ({DEFAULT_SOCKET})")
-    g.add_argument("--kv-memory", default="25%", help="edgert serve --kv-memory (25%%)")
-    g.add_argument("--serve-args", help="more `edgert serve` flags, one quoted string")
-    g.add_argument("--mode", choices=["auto", "systemd", "direct"], default="auto",
-                   help="systemctl when systemd is running (auto), else the unit's ExecStart "
-                        "directly")
-    g.add_argument("--unit-dir", default="/etc/systemd/system",
-                   help="where the systemd mode installs the units")
-    g.add_argument("--timeout", type=float, help="seconds to wait for READY=1 (default: the "
-                   "unit's TimeoutStartSec, extended while the model loads)")
+    add_service_args(g)
+    add_start_args(g)
     p.set_defaults(func=_run)
 
 
