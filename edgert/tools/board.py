@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import pwd
@@ -49,6 +48,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from edgert.bundle import sha256_file  # standard library only, like this module
 
 DEFAULT_ROOT = "/opt/edgert"
 DEFAULT_SOCKET = "/run/edgert/edgert.sock"
@@ -171,14 +172,6 @@ def _atomic_symlink(target: str, link: Path) -> None:
 
 # ---- the venv ------------------------------------------------------------------------------------
 
-def sha256_path(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def ensure_venv(layout: Layout, wheel: Path, python: str, pip_args: list[str],
                 env: dict[str, str] | None = None,
                 source: str = "the board's package index") -> tuple[Path, bool]:
@@ -187,7 +180,7 @@ def ensure_venv(layout: Layout, wheel: Path, python: str, pip_args: list[str],
     --find-links with the packed wheels); `source` says where the dependencies come from."""
     if not wheel.is_file():
         raise BoardError(f"{wheel}: no such wheel on the board")
-    sha = sha256_path(wheel)
+    sha = sha256_file(wheel)
     venv = layout.root / "venvs" / sha[:16]
     marker = venv / ".edgert-wheel-sha256"
     reused = marker.exists() and marker.read_text().strip() == sha and (
@@ -786,6 +779,17 @@ def _ensure_venv(args: argparse.Namespace) -> int:
 def _stop(args: argparse.Namespace) -> int:
     service_for(Layout(Path(args.root).resolve()), args.mode, args.unit_dir).stop()
     return 0
+
+
+def outcome(code: int, rid: str, where: str = "") -> str:
+    """What a failed `activate` (exit `code`) means, for the host-side commands' last line."""
+    on = f" on {where}" if where else ""
+    if code == EXIT_ROLLED_BACK:
+        return (f"release {rid} failed{on} and was rolled back to the previous release, which "
+                "answers (the reason is above)")
+    if code == EXIT_DOWN:
+        return f"release {rid} failed{on} and nothing is serving (see above)"
+    return f"release {rid} was refused{on} before the switch (see above); nothing switched"
 
 
 def _run(func):

@@ -41,6 +41,7 @@ from edgert.tools.board import (
     EXIT_ROLLED_BACK,
     add_service_args,
     add_start_args,
+    outcome,
 )
 
 SOURCE_PARTS = ("edgert", "export", "devices", "pyproject.toml", "README.md")
@@ -317,15 +318,10 @@ def deploy(args: argparse.Namespace) -> int:
         print(f"deployed {rid} to {remote.target} in {time.monotonic() - t0:.1f} s: serving on "
               f"{args.socket}", flush=True)
         return 0
-    if r.returncode == EXIT_ROLLED_BACK:
-        msg = (f"release {rid} failed on {remote.target} and was rolled back to the previous "
-               "release, which answers (the reason is above)")
-    elif r.returncode == EXIT_DOWN:
-        msg = f"release {rid} failed on {remote.target} and nothing is serving (see above)"
-    else:
-        msg = (f"release {rid} was refused on {remote.target} before the switch (see above); "
-               "the current release is untouched. If a file on the board is corrupt, rerun "
-               "with --checksum to re-send files whose content differs")
+    msg = outcome(r.returncode, rid, remote.target)
+    if r.returncode not in (EXIT_ROLLED_BACK, EXIT_DOWN):
+        msg += (". If a file on the board is corrupt, rerun with --checksum to re-send files "
+                "whose content differs")
     print(f"edgert deploy: error: {msg}", file=sys.stderr, flush=True)
     return r.returncode
 

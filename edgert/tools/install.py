@@ -40,13 +40,12 @@ from typing import Any, BinaryIO
 from edgert.tools import board
 from edgert.tools.board import (
     DEFAULT_ROOT,
-    EXIT_DOWN,
     EXIT_REFUSED,
-    EXIT_ROLLED_BACK,
     BoardError,
     Layout,
     add_service_args,
     add_start_args,
+    outcome,
 )
 
 PACK_MANIFEST = "PACK.json"
@@ -382,14 +381,7 @@ def install(args: argparse.Namespace) -> int:
     if r.returncode == 0:
         say(f"installed {rid} in {time.monotonic() - t0:.1f} s: serving on {args.socket}")
         return 0
-    if r.returncode == EXIT_ROLLED_BACK:
-        msg = (f"release {rid} failed and was rolled back to the previous release, which "
-               "answers (the reason is above)")
-    elif r.returncode == EXIT_DOWN:
-        msg = f"release {rid} failed and nothing is serving (see above)"
-    else:
-        msg = f"release {rid} was refused before the switch (see above); nothing switched"
-    print(f"edgert install: error: {msg}", file=sys.stderr, flush=True)
+    print(f"edgert install: error: {outcome(r.returncode, rid)}", file=sys.stderr, flush=True)
     return r.returncode
 
 

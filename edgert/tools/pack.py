@@ -35,8 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgert.bundle import MANIFEST, Bundle, BundleError
-from edgert.tools.board import sha256_path
+from edgert.bundle import MANIFEST, Bundle, BundleError, sha256_file
 from edgert.tools.deploy import DeployError, build_wheel, cache_dir, release_id, source_root
 from edgert.tools.install import (
     PACK_FORMAT,
@@ -197,13 +196,13 @@ def pack(args: argparse.Namespace) -> int:
         members: dict[str, dict[str, Any]] = {}
         for w in wheels:
             files[f"wheels/{w.name}"] = w
-            members[f"wheels/{w.name}"] = {"bytes": w.stat().st_size, "sha256": sha256_path(w)}
+            members[f"wheels/{w.name}"] = {"bytes": w.stat().st_size, "sha256": sha256_file(w)}
         say(f"{len(wheels)} wheels ({mib(sum(w.stat().st_size for w in wheels))}): "
             + ", ".join(" ".join(w.name.split("-")[:2]) for w in wheels))
         mpath = bundle.path / MANIFEST
         files[f"bundle/{MANIFEST}"] = mpath
         members[f"bundle/{MANIFEST}"] = {"bytes": mpath.stat().st_size,
-                                         "sha256": sha256_path(mpath)}
+                                         "sha256": sha256_file(mpath)}
         for name, info in sorted(bundle.manifest["files"].items()):
             # sha256 from the manifest, which Bundle.load just checked against the file
             files[f"bundle/{name}"] = bundle.path / name
