@@ -40,8 +40,22 @@ class SchedulerConfig:
     # Length classes per decode step; 1: one call for every decoder, padded to the longest (the
     # first cut's behaviour, kept to measure against).
     max_decode_calls: int = 2
+    # Prompt-lookup speculative decoding (core/prompt_lookup.py): guessed tokens checked per
+    # decode step for requests that do not say (0: off), while at most `speculative_max_seqs`
+    # sequences decode: a guess makes its sequence a call of its own, which pays off when the
+    # call's fixed cost is not shared with other decoders.
+    speculative_tokens: int = 0
+    speculative_max_seqs: int = 1
+    ngram_min: int = 2
+    ngram_max: int = 4
 
     def __post_init__(self) -> None:
+        if not 0 <= self.speculative_tokens <= 15:
+            raise ValueError("speculative_tokens must be in [0, 15]")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError("ngram sizes must satisfy 1 <= ngram_min <= ngram_max")
+        if self.speculative_max_seqs < 1:
+            raise ValueError("speculative_max_seqs must be >= 1")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < 2:
@@ -63,6 +77,8 @@ class EngineConfig:
     max_waiting: int = 256
     enable_prefix_caching: bool = True
     max_decode_calls: int = 2
+    speculative_tokens: int = 0
+    speculative_max_seqs: int = 1
     backend: BackendConfig = field(default_factory=BackendConfig)
     verify_bundle: bool = True
 
@@ -71,7 +87,9 @@ class EngineConfig:
         return SchedulerConfig(
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=min(self.max_model_len or model_len, model_len),
-            max_waiting=self.max_waiting, max_decode_calls=self.max_decode_calls)
+            max_waiting=self.max_waiting, max_decode_calls=self.max_decode_calls,
+            speculative_tokens=self.speculative_tokens,
+            speculative_max_seqs=self.speculative_max_seqs)
 
 
 # ---- command-line flags ------------------------------------------------------------------------
@@ -135,6 +153,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="decode length classes per step: sequences far apart in length are "
                         "decoded in separate calls so the short ones do not gather the long "
                         "one's padding (default 2; 1 = one call)")
+    g.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
+                   help="prompt-lookup speculative decoding: check up to K tokens guessed from "
+                        "the sequence's own context per decode step (a request's "
+                        "speculative_tokens overrides it). Outputs are identical with and "
+                        "without; it pays off on repetitive text (quoting, code edits) at low "
+                        "concurrency (default 0: off)")
+    g.add_argument("--speculative-max-seqs", type=int, default=1, metavar="N",
+                   help="speculate only while at most N sequences decode (default 1)")
     g.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse KV blocks of identical prompt prefixes")
     g.add_argument("--provider", default="cpu",
@@ -175,6 +201,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         max_waiting=args.max_waiting, enable_prefix_caching=not args.no_prefix_caching,
         max_decode_calls=args.max_decode_calls,
+        speculative_tokens=args.speculative_tokens,
+        speculative_max_seqs=args.speculative_max_seqs,
         backend=BackendConfig(provider=args.provider, threads=args.threads,
                               allow_spinning=args.spinning, device_profile=args.device),
         verify_bundle=not args.no_verify)

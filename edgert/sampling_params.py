@@ -35,6 +35,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     timeout: float | None = None  # seconds from arrival; the scheduler finishes it with "timeout"
     priority: int = 0  # lower runs first (vLLM convention); FCFS among equals
+    # Prompt-lookup speculative decoding: up to this many guessed tokens checked per decode
+    # step; None: the server's --speculative-tokens; 0: off. Never changes the output.
+    speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -65,4 +68,7 @@ class SamplingParams:
         check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]")
         check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
               "prompt_logprobs", "must be in [0, 20]")
+        check(self.speculative_tokens is None or (isinstance(self.speculative_tokens, int)
+                                                  and 0 <= self.speculative_tokens <= 15),
+              "speculative_tokens", "must be in [0, 15]")
         check(self.timeout is None or self.timeout > 0, "timeout", "must be > 0 seconds")

@@ -20,11 +20,18 @@ class Row:
     tokens: tuple[int, ...]  # the new tokens fed in this call
     table: tuple[int, ...]  # its block table, covering start + len(tokens) slots
     logits: tuple[int, ...]  # which of the new tokens (call-local) need logits
+    # How many trailing `tokens` are speculative guesses (not yet the sequence's): the engine
+    # keeps those the model confirms, and the scheduler counts only them as computed.
+    draft: int = 0
 
     @property
     def completes(self) -> bool:
         """Whether this call computes the sequence's last uncomputed token (so it samples)."""
-        return self.start + len(self.tokens) == self.seq.num_tokens
+        return self.start + len(self.tokens) - self.draft == self.seq.num_tokens
+
+    @property
+    def drafts(self) -> tuple[int, ...]:
+        return self.tokens[len(self.tokens) - self.draft:] if self.draft else ()
 
 
 @dataclass(frozen=True)
@@ -34,7 +41,9 @@ class Call:
 
     @property
     def is_decode(self) -> bool:
-        return self.shape[1] == 1
+        """A call that generates for every row: T = 1, or a speculative call (one decoding
+        row with its guesses)."""
+        return self.shape[1] == 1 or any(r.draft for r in self.rows)
 
 
 @dataclass

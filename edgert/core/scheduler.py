@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from edgert.config import SchedulerConfig
 from edgert.core.block_allocator import BlockAllocator, NoFreeBlocks
 from edgert.core.plan import Call, Row, StepPlan
+from edgert.core.prompt_lookup import propose
 from edgert.core.sequence import Sequence, Status
 from edgert.core.shapes import ShapeMenu, floor_pow2, pow2
 
@@ -142,7 +144,9 @@ class Scheduler:
         self._admit(plan)
         prefills = self._plan_prefill(plan, cows)
         decoders = [s for s in decoders if s in self.running]  # a prefill may have preempted
-        plan.calls = [*self._decode_calls(decoders), *prefills]
+        guessed = self._speculative_calls(decoders)
+        plain = [s for s in decoders if all(c.rows[0].seq is not s for c in guessed)]
+        plan.calls = [*self._decode_calls(plain), *guessed, *prefills]
         plan.cow_copies = [cows[r.seq.seq_id] for r in plan.rows if r.seq.seq_id in cows]
         self._fork(plan)
         return plan
@@ -276,8 +280,8 @@ class Scheduler:
         if not ok:
             raise AssertionError(f"scheduler bug: call shape {shape} is not on the menu")
         # Tables as the call sees them: each row's own blocks (the call may pad them).
-        rows = tuple(Row(r.seq, r.start, r.tokens, tuple(
-            self.allocator.block_table(r.seq.seq_id)), r.logits) for r in draft.rows)
+        rows = tuple(replace(r, table=tuple(self.allocator.block_table(r.seq.seq_id)))
+                     for r in draft.rows)
         return Call(rows, shape)
 
     def _decode_calls(self, seqs: list[Sequence]) -> list[Call]:
@@ -312,6 +316,38 @@ class Scheduler:
                 lo = top
         return [c for c in calls if c is not None]
 
+    def _speculative_calls(self, decoders: list[Sequence]) -> list[Call]:
+        """Prompt-lookup speculation: a decoder whose context suggests what follows gets a call
+        of its own, its last token plus up to k guesses, every position's logits returned.
+        Guesses are opportunistic: capped so the sequence cannot pass max_tokens or the model
+        length, and they only use slots the sequence already holds or blocks nobody else could
+        use this step (no preemption, no waiting request loses a block to a guess)."""
+        cfg, alloc, menu = self.config, self.allocator, self.menu
+        if not decoders or len(decoders) > cfg.speculative_max_seqs:
+            return []
+        calls = []
+        for seq in decoders:
+            k = seq.params.speculative_tokens
+            k = cfg.speculative_tokens if k is None else k
+            k = min(k, seq.params.max_tokens - len(seq.output_ids) - 1,
+                    cfg.max_model_len - seq.num_tokens - 1)
+            if k < 1 or not seq.output_ids or seq.wants_prompt_logprobs:
+                continue
+            guess = propose(seq.all_ids, k, cfg.ngram_min, cfg.ngram_max)
+            held = len(alloc.block_table(seq.seq_id)) * alloc.block_size - seq.num_tokens
+            if len(guess) > held and (self._waiting or alloc.usage().free <= len(self.running)
+                                      or not alloc.ensure_capacity(seq.seq_id,
+                                                                   seq.num_tokens + len(guess))):
+                guess = guess[:held]
+            width = pow2(1 + len(guess))
+            shape = menu.prefill_shape(1, width, menu.span(seq.num_computed, width))
+            if not guess or not menu.prefill_ok(shape):
+                continue
+            row = replace(self._row(seq, 1), draft=len(guess), logits=tuple(range(1 + len(guess))))
+            row = replace(row, tokens=row.tokens + tuple(guess))
+            calls.append(self._call(_Draft([row], width)))
+        return [c for c in calls if c is not None]
+
     def _fork(self, plan: StepPlan) -> None:
         """A first choice whose prompt completes in this step forks into its n - 1 other
         choices, which share its blocks (copy-on-write later) and sample from the same logits.
@@ -336,11 +372,15 @@ class Scheduler:
         forked choices caught up with their parent (their prefix chains too, right after the
         parent's registration: a chain left behind would make a choice's first commit meet a
         block its parent registered, once a block they reused was evicted), and each sampled
-        token appended."""
+        token appended, in order. A speculative row gets one token per guess the model
+        confirmed plus the model's own next one; only the confirmed guesses count as
+        computed (the rest of its slots are rewritten before anything reads them)."""
         caching = self.allocator.enable_prefix_caching
+        kept = Counter(seq.seq_id for seq, _ in sampled)
         for row in plan.rows:
             seq = row.seq
-            seq.num_computed = row.start + len(row.tokens)
+            confirmed = max(kept[seq.seq_id] - 1, 0) if row.draft else 0
+            seq.num_computed = row.start + len(row.tokens) - row.draft + confirmed
             if caching:
                 self.allocator.commit(seq.seq_id, seq.all_ids[: seq.num_computed])
             for child in plan.forks.get(seq.seq_id, ()):

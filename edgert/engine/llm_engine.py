@@ -15,6 +15,7 @@ import logging
 import secrets
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
@@ -50,6 +51,8 @@ class EngineStats:
     decode_seqs: int = 0  # summed decode batch sizes (mean batch = decode_seqs / decode_calls)
     prefill_calls: int = 0
     prefill_tokens: int = 0  # prompt tokens actually computed
+    draft_tokens: int = 0  # speculative guesses checked
+    accepted_tokens: int = 0  # guesses the model confirmed (each one a decode step saved)
     cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache
     generated_tokens: int = 0
     preemptions: int = 0
@@ -181,9 +184,10 @@ class LLMEngine:
         if plan:
             self._note_calls(plan)
             results = self.runner.execute(plan)
-            sampled = self._sample(plan, results)
-            self.scheduler.postprocess(plan, [(seq, token) for seq, token, _ in sampled])
-            self._feed_streams(sampled)
+            kept, ended = self._feed_streams(self._sample(plan, results))
+            self.scheduler.postprocess(plan, [(seq, token) for seq, token, _ in kept])
+            for seq, reason in ended:
+                self.scheduler.finish(seq, reason)
         self.stats.steps += 1
         for req in list(self._requests.values()):
             outputs.extend(self._collect(req))
@@ -196,6 +200,7 @@ class LLMEngine:
                 self.stats.decode_calls += 1
                 self.stats.decode_seqs += len(call.rows)
                 self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(call.rows))
+                self.stats.draft_tokens += sum(r.draft for r in call.rows)
                 continue
             self.stats.prefill_calls += 1
             for row in call.rows:
@@ -207,27 +212,41 @@ class LLMEngine:
     def _sample(self, plan: StepPlan, results: list[list[np.ndarray]]
                 ) -> list[tuple[Sequence, int, TokenLogprob | None]]:
         """One token for every row that computed its sequence's last token, and for each choice
-        forked from it (same logits, its own seed)."""
-        targets: list[tuple[Sequence, np.ndarray]] = []
+        forked from it (same logits, its own seed). A speculative row samples every position
+        as if its guesses were already outputs (each position's logits are bit-identical to a
+        plain decode of that context: the graph is batch-invariant, and the draw depends only
+        on (seed, step)) and keeps tokens while they confirm the guesses, plus the first that
+        does not: exactly what plain decoding would have produced, sampled or greedy."""
+        targets: list[tuple[Sequence, np.ndarray, tuple[int, ...]]] = []
         for call, logits in zip(plan.calls, results):
             for row, rows_logits in zip(call.rows, logits):
                 seq = row.seq
                 if seq.wants_prompt_logprobs:
                     self._prompt_logprobs(seq, row.tokens, row.start, rows_logits)
-                if row.completes:
-                    targets.append((seq, rows_logits[-1]))
+                if row.draft:
+                    guesses = row.drafts
+                    targets.extend((seq, rows_logits[j], guesses[:j])
+                                   for j in range(len(guesses) + 1))
+                elif row.completes:
+                    targets.append((seq, rows_logits[-1], ()))
                     for child in plan.forks.get(seq.seq_id, ()):
                         self._adopt(child)
-                        targets.append((child, rows_logits[-1]))
+                        targets.append((child, rows_logits[-1], ()))
         if not targets:
             return []
-        rows = [SamplerRow(params=s.params, seed=s.seed, step=len(s.output_ids),
+        rows = [SamplerRow(params=s.params, seed=s.seed, step=len(s.output_ids) + len(g),
                            prompt_token_ids=np.asarray(s.prompt_ids, np.int32),
-                           output_token_ids=np.asarray(s.output_ids, np.int32))
-                for s, _ in targets]
-        result = sample(np.stack([lg for _, lg in targets]), rows)
-        out = []
-        for i, (seq, _) in enumerate(targets):
+                           output_token_ids=np.asarray(s.output_ids + list(g), np.int32))
+                for s, _, g in targets]
+        result = sample(np.stack([lg for _, lg, _ in targets]), rows)
+        out: list[tuple[Sequence, int, TokenLogprob | None]] = []
+        rejected: set[int] = set()
+        for i, (seq, _, guessed) in enumerate(targets):
+            if guessed:  # out[-1] is this row's previous position, unless it was rejected
+                if seq.seq_id in rejected or out[-1][1] != guessed[-1]:
+                    rejected.add(seq.seq_id)
+                    continue
+                self.stats.accepted_tokens += 1
             lp = None
             if seq.params.logprobs is not None and result.logprobs is not None:
                 top = result.top_logprobs[i] if result.top_logprobs else {}
@@ -241,11 +260,22 @@ class LLMEngine:
         req.seqs[child.index] = child
         req.streams[child.index] = self._stream(req.prompt_ids, req.params)
 
-    def _feed_streams(self, sampled: list[tuple[Sequence, int, TokenLogprob | None]]) -> None:
-        """Each new token through its choice's stream (detokenizer, stop rules); a stream that
-        ends tells the scheduler to finish the sequence."""
+    def _feed_streams(self, sampled: list[tuple[Sequence, int, TokenLogprob | None]]
+                      ) -> tuple[list[tuple[Sequence, int, TokenLogprob | None]],
+                                 list[tuple[Sequence, str]]]:
+        """Each new token through its choice's stream (detokenizer, stop rules), in order. The
+        streams decide what is kept: after a stream ends, a sequence's further tokens of this
+        step (confirmed guesses past a stop) are dropped. Returns the kept tokens and the
+        sequences to finish, for the scheduler."""
         now = time.monotonic()
+        kept: list[tuple[Sequence, int, TokenLogprob | None]] = []
+        ended: dict[int, tuple[Sequence, str]] = {}
+        taken: Counter[int] = Counter()
         for seq, token, lp in sampled:
+            if seq.seq_id in ended:
+                continue
+            taken[seq.seq_id] += 1
+            kept.append((seq, token, lp))
             self.stats.generated_tokens += 1
             req = self._requests[seq.request_id]
             if req.metrics.first_token_time is None:
@@ -253,8 +283,10 @@ class LLMEngine:
                 req.metrics.cached_prompt_tokens = seq.num_cached
                 self.stats.cached_prompt_tokens += seq.num_cached
             stream = req.streams[seq.index]
-            if stream.append(token, len(seq.output_ids), seq.num_tokens, lp):
-                self.scheduler.finish(seq, stream.finish_reason or "stop")
+            if stream.append(token, len(seq.output_ids) + taken[seq.seq_id],
+                             seq.num_tokens + taken[seq.seq_id], lp):
+                ended[seq.seq_id] = (seq, stream.finish_reason or "stop")
+        return kept, list(ended.values())
 
     def _prompt_logprobs(self, seq: Sequence, chunk: tuple[int, ...], start: int,
                          logits: np.ndarray) -> None:

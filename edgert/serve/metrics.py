@@ -136,6 +136,11 @@ class _EngineCollector(Collector):
              astats.prefix_queries_tokens),
             ("edgert_prefix_cache_hits", "Prompt tokens found in the prefix cache",
              astats.prefix_hit_tokens),
+            ("edgert_spec_decode_draft_tokens", "Speculative (prompt-lookup) tokens checked",
+             stats.draft_tokens),
+            ("edgert_spec_decode_accepted_tokens",
+             "Speculative tokens the model confirmed (acceptance rate: accepted / draft)",
+             stats.accepted_tokens),
         ):
             c = CounterMetricFamily(name, doc)
             c.add_metric([], float(value))

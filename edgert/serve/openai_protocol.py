@@ -94,7 +94,7 @@ _NO_EFFECT = {"user", "metadata", "store", "service_tier", "prompt_cache_key",
 _SAMPLING = {"model", "n", "seed", "stop", "stream", "stream_options", "temperature", "top_p",
              "max_tokens", "frequency_penalty", "presence_penalty", "top_k", "min_p",
              "repetition_penalty", "ignore_eos", "stop_token_ids", "skip_special_tokens",
-             "include_stop_str_in_output", "priority"}
+             "include_stop_str_in_output", "priority", "speculative_tokens"}
 _COMPLETION_FIELDS = _SAMPLING | {"prompt", "echo", "logprobs", "best_of",
                                   "add_special_tokens"}
 _CHAT_FIELDS = _SAMPLING | {"messages", "logprobs", "top_logprobs", "max_completion_tokens",
@@ -270,6 +270,7 @@ def _sampling(body: dict[str, Any], max_tokens: int, logprobs: int | None,
             skip_special_tokens=_bool(body, "skip_special_tokens", True),
             include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
             priority=_int(body, "priority", 0),
+            speculative_tokens=_opt_int(body, "speculative_tokens"),
         )
     except ParamError as e:
         name = field_names.get(e.field, e.field)
