@@ -232,8 +232,9 @@ class Client:
         return Stream(self._http, path, body)
 
     def health(self) -> bool:
+        """Ready to answer: the model loaded and warm, not draining (GET /ready)."""
         try:
-            return self._http.get("/health").status_code == 200
+            return self._http.get("/ready").status_code == 200
         except httpx.TransportError:
             return False
 
@@ -293,7 +294,7 @@ class AsyncClient:
 
     async def health(self) -> bool:
         try:
-            return (await self._http.get("/health")).status_code == 200
+            return (await self._http.get("/ready")).status_code == 200
         except httpx.TransportError:
             return False
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -21,6 +22,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -117,7 +119,10 @@ def _wait_healthy(target: str, proc: subprocess.Popen, timeout: float = 600) -> 
         try:
             with httpx.Client(base_url=base, transport=httpx.HTTPTransport(uds=uds),
                               timeout=5) as c:
-                if c.get("/health").status_code == 200:
+                r = c.get("/ready")  # edgert's readiness; llama-server has only /health
+                if r.status_code == 404:
+                    r = c.get("/health")
+                if r.status_code == 200:
                     return
         except (httpx.HTTPError, OSError):
             pass
@@ -125,27 +130,53 @@ def _wait_healthy(target: str, proc: subprocess.Popen, timeout: float = 600) -> 
     raise RuntimeError("server not healthy in time")
 
 
-def run_server(cmd: list[str], target: str, args: argparse.Namespace, corpus: list[int],
-               max_model_len: int) -> dict:
-    from edgert.tools.bench_serve import run_bench
-
+@contextlib.contextmanager
+def _serving(cmd: list[str], target: str) -> Iterator[subprocess.Popen]:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
         _wait_healthy(target, proc)
-        levels = asyncio.run(run_bench(
-            target, args.concurrency, args.requests, args.prompt_len, args.output_len,
-            "uniform", None, args.seed, 600.0, corpus=corpus, max_model_len=max_model_len,
-            keepalive=False))  # llama-server closes idle connections; both get the same
-        rss = _peak_rss(proc.pid)
+        yield proc
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_server(cmd: list[str], target: str, args: argparse.Namespace, corpus: list[int],
+               max_model_len: int) -> dict:
+    from edgert.tools.bench_serve import run_bench
+
+    with _serving(cmd, target) as proc:
+        levels = asyncio.run(run_bench(
+            target, args.concurrency, args.requests, args.prompt_len, args.output_len,
+            "uniform", None, args.seed, 600.0, corpus=corpus, max_model_len=max_model_len,
+            keepalive=False))  # llama-server closes idle connections; both get the same
+        rss = _peak_rss(proc.pid)
     return {"levels": [{**asdict(r), "out_tok_s": r.output_tokens_per_s} for r in levels],
             "peak_rss": rss}
+
+
+CURVE_OUTPUT = 64
+
+
+def run_curve(cmd: list[str], target: str, lengths: list[int], corpus: list[int],
+              seed: int) -> dict[int, float]:
+    """TPOT p50 (seconds) of one stream after a prompt of each length: how a step's cost grows
+    with the context it attends to."""
+    from edgert.tools.bench_serve import run_bench
+
+    out = {}
+    with _serving(cmd, target):
+        for n in lengths:
+            [level] = asyncio.run(run_bench(
+                target, [1], 2, n, CURVE_OUTPUT, "fixed", None, seed, 900.0, corpus=corpus,
+                max_model_len=max(lengths) + CURVE_OUTPUT, keepalive=False))
+            out[n] = level.tpot.get("p50", float("nan"))
+            print(f"  context {n}: TPOT p50 {out[n] * 1000:.1f} ms", flush=True)
+    return out
 
 
 def ratios(ours: dict, peer: dict) -> list[dict]:
@@ -171,12 +202,22 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--out", default=str(CACHE / "bench_vs_llamacpp"))
+    ap.add_argument("--kv-memory", default=None,
+                    help="edgert's --kv-memory (default: its own default, 256MiB)")
+    ap.add_argument("--context-curve", default="256,1024,4096,8000", metavar="LENGTHS",
+                    help="TPOT of one stream after prompts of these lengths, both servers "
+                         "(default 256,1024,4096,8000; '' skips it)")
+    ap.add_argument("--curve-bundle", default=None,
+                    help="the bundle the curve runs (default: the last of --bundles)")
+    ap.add_argument("--skip-load", action="store_true",
+                    help="only the context curve, not the concurrency levels")
     args = ap.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     names = [n for n in args.bundles.split(",") if n]
     print(f"CPU: {cpu_flags()}", flush=True)
     server = build_llamacpp()
-    gguf, bundles = model_and_bundles(names)
+    curve_name = args.curve_bundle or names[-1]
+    gguf, bundles = model_and_bundles(list(dict.fromkeys([*names, curve_name])))
     from edgert.bundle import Bundle
     from edgert.text.tokenizer import Tokenizer
     from edgert.tools.bench_serve import corpus_text
@@ -190,16 +231,33 @@ def main() -> int:
                     "runs": {}}
     port = _free_port()
     np_slots = max(args.concurrency)
-    report["runs"]["llama.cpp"] = run_server(
-        [str(server), "-m", str(gguf), "-t", str(args.threads), "-np", str(np_slots),
-         "-c", str(1024 * np_slots), "--host", "127.0.0.1", "--port", str(port)],
-        f"http://127.0.0.1:{port}", args, corpus, 1024)
-    for name in names:
-        sock = Path(tempfile.mkdtemp()) / "edgert.sock"
-        report["runs"][name] = run_server(
-            [*EDGERT, "serve", str(bundles[name]), "--socket", str(sock), "--no-verify"],
-            str(sock), args, corpus, 1024)
-        shutil.rmtree(sock.parent, ignore_errors=True)
+    kv = ["--kv-memory", args.kv_memory] if args.kv_memory else []
+    if not args.skip_load:
+        report["runs"]["llama.cpp"] = run_server(
+            [str(server), "-m", str(gguf), "-t", str(args.threads), "-np", str(np_slots),
+             "-c", str(1024 * np_slots), "--host", "127.0.0.1", "--port", str(port)],
+            f"http://127.0.0.1:{port}", args, corpus, 1024)
+        for name in names:
+            sock = Path(tempfile.mkdtemp()) / "edgert.sock"
+            report["runs"][name] = run_server(
+                [*EDGERT, "serve", str(bundles[name]), "--socket", str(sock), "--no-verify",
+                 *kv], str(sock), args, corpus, 1024)
+            shutil.rmtree(sock.parent, ignore_errors=True)
+        print_load(report, names)
+    lengths = [int(n) for n in args.context_curve.split(",") if n]
+    if lengths:
+        report["curve"] = curve(args, server, gguf, bundles[curve_name], lengths, tok)
+        report["curve"]["bundle"] = curve_name
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    if not args.skip_load:
+        _plot(report, names, out / "report.png")
+    print(f"\nreport: {out / 'report.json'}")
+    return 0
+
+
+def print_load(report: dict, names: list[str]) -> None:
     peer = report["runs"]["llama.cpp"]
     print("\nratios edgert / llama.cpp (out tok/s: higher is better; TTFT, TPOT, RSS: lower)")
     print(f"{'bundle':8} {'conc':>4} {'out tok/s':>9} {'TTFT p50':>9} {'TPOT p50':>9} "
@@ -217,12 +275,47 @@ def main() -> int:
         print(f"{name:9} peak RSS {run['peak_rss'] >> 20} MiB; " + "; ".join(
             f"c={c}: {x['out_tok_s']:.1f} out tok/s, TPOT p50 "
             f"{x['tpot'].get('p50', float('nan')) * 1000:.1f} ms" for c, x in lv.items()))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    _plot(report, names, out / "report.png")
-    print(f"\nreport: {out / 'report.json'}")
-    return 0
+
+
+def curve(args: argparse.Namespace, server: Path, gguf: Path, bundle: Path,
+          lengths: list[int], tok) -> dict:
+    """Both servers with room for one sequence of the longest context; the slope is the
+    least-squares ms of TPOT per 1,000 tokens of context."""
+    import numpy as np
+
+    from edgert.tools.bench_serve import corpus_text
+
+    need = max(lengths) + CURVE_OUTPUT
+    corpus = tok.encode(corpus_text(random.Random(args.seed), need + 64),
+                        add_special_tokens=False)
+    while len(corpus) < need + 64:
+        corpus = corpus + corpus
+    port = _free_port()
+    print(f"\nTPOT against context (one stream, {CURVE_OUTPUT} output tokens)", flush=True)
+    print("llama.cpp:", flush=True)
+    peer = run_curve([str(server), "-m", str(gguf), "-t", str(args.threads), "-np", "1",
+                      "-c", str(need + 64), "--host", "127.0.0.1", "--port", str(port)],
+                     f"http://127.0.0.1:{port}", lengths, corpus, args.seed)
+    sock = Path(tempfile.mkdtemp()) / "edgert.sock"
+    print(f"edgert {bundle.name}:", flush=True)
+    ours = run_curve([*EDGERT, "serve", str(bundle), "--socket", str(sock), "--no-verify",
+                      "--kv-memory", args.kv_memory or "1GiB", "--max-model-len", str(need),
+                      "--max-num-seqs", "1"], str(sock), lengths, corpus, args.seed)
+    shutil.rmtree(sock.parent, ignore_errors=True)
+    xs = np.array(lengths, float) / 1000
+
+    def slope(d: dict[int, float]) -> float:
+        return float(np.polyfit(xs, [d[n] * 1000 for n in lengths], 1)[0])
+
+    res = {"lengths": lengths, "llama.cpp": peer, "edgert": ours,
+           "slope_ms_per_1k": {"llama.cpp": slope(peer), "edgert": slope(ours)}}
+    print(f"{'context':>8} {'llama.cpp ms':>13} {'edgert ms':>10} {'ratio':>6}")
+    for n in lengths:
+        print(f"{n:8} {peer[n] * 1000:13.1f} {ours[n] * 1000:10.1f} {ours[n] / peer[n]:6.2f}x")
+    sl = res["slope_ms_per_1k"]
+    print(f"slope: llama.cpp {sl['llama.cpp']:.2f} ms, edgert {sl['edgert']:.2f} ms of TPOT per "
+          f"1k tokens of context ({sl['edgert'] / sl['llama.cpp']:.2f}x)")
+    return res
 
 
 def _plot(report: dict, names: list[str], path: Path) -> None:

@@ -189,7 +189,7 @@ async def soak(args: argparse.Namespace) -> int:
 
         for _ in range(int(args.wait_ready * 10)):  # a server still loading answers 503
             with contextlib.suppress(httpx.TransportError):
-                if (await http.get("/health")).status_code == 200:
+                if (await http.get("/ready")).status_code == 200:
                     break
             await asyncio.sleep(0.1)
         else:
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-every", type=float, default=5.0, help="seconds between lines")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--wait-ready", type=float, default=300.0,
-                    help="seconds to wait for /health 200 before starting (300)")
+                    help="seconds to wait for /ready 200 before starting (300)")
     args = ap.parse_args(argv)
     return asyncio.run(soak(args))
 

@@ -65,7 +65,7 @@ class ServerProcess:
                 if self.proc.poll() is not None:
                     raise AssertionError(f"server exited {self.proc.returncode}:\n{self.log}")
                 with contextlib.suppress(httpx.TransportError):
-                    if c.get("/health").status_code == 200:
+                    if c.get("/ready").status_code == 200:
                         return
                 time.sleep(0.1)
         raise AssertionError(f"server not healthy after {timeout} s:\n{self.log}")
@@ -169,8 +169,11 @@ async def read_sse(resp: httpx.Response) -> list[dict]:
 
 def test_health_models_tokenize(server, http):
     assert http.get("/health").json()["status"] == "ok"
+    ready = http.get("/ready")
+    assert ready.status_code == 200 and ready.json()["provider"] == "CPUExecutionProvider"
     models = http.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["max_model_len"] == 1024
+    assert models["data"][0]["provider"] == "CPUExecutionProvider"
     r = http.post("/v1/tokenize", json={"prompt": "Hello world"}).json()
     assert r["count"] == len(r["tokens"]) >= 2
     assert http.post("/v1/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == \
@@ -577,6 +580,39 @@ def test_metrics_counters_match_what_was_sent(http):
     for name in ("edgert_preemptions_total", "edgert_prefix_cache_hits_total",
                  "edgert_prefix_cache_queries_total", "edgert_engine_steps_total"):
         assert (name, ()) in after, name
+    # the gateway-facing copies, under vLLM's names, labelled by the served model
+    model = http.get("/v1/models").json()["data"][0]["id"]
+    for h in ("time_to_first_token_seconds", "e2e_request_latency_seconds",
+              "request_queue_time_seconds"):
+        assert delta(f"vllm:{h}_count", model_name=model) == 3, h
+    # 7 tokens each: 6 gaps per request
+    assert delta("vllm:inter_token_latency_seconds_count", model_name=model) == 18
+    assert metric(after, "vllm:num_requests_running", model_name=model) == 0
+    assert metric(after, "vllm:num_requests_waiting", model_name=model) == 0
+    assert metric(after, "vllm:kv_cache_usage_perc", model_name=model) == 0
+    assert delta("vllm:prefix_cache_queries_total", model_name=model) == delta(
+        "edgert_prefix_cache_queries_total") > 0
+    assert ("vllm:prefix_cache_hits_total", (("model_name", model),)) in after
+
+
+def test_lm_eval_remote_tokenizer_routes(http, smollm2_bundle):
+    """The routes lm-evaluation-harness's `tokenizer_backend=remote` calls, in its shapes,
+    against the bundle's tokenizer.json read by `tokenizers` directly."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf = HFTokenizer.from_file(str(smollm2_bundle.tokenizer_path))
+    info = http.get("/tokenizer_info").json()
+    assert info["eos_token"] == "<|im_end|>" == hf.id_to_token(2)
+    assert info["chat_template"] == smollm2_bundle.manifest["tokenizer"]["chat_template"]
+    text = "The quick brown fox, 3.14 — naïve café."
+    r = http.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()
+    assert r["tokens"] == hf.encode(text, add_special_tokens=False).ids
+    assert http.post("/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == text
+    eos = http.post("/tokenize", json={"prompt": info["eos_token"],
+                                        "add_special_tokens": False}).json()["tokens"]
+    assert eos == [2]
+    bad = http.post("/detokenize", json={"tokens": [-1]})
+    assert bad.status_code == 400 and "tokens" in bad.text
 
 
 # ---- clients -----------------------------------------------------------------------------------

@@ -292,7 +292,10 @@ def test_socket_mode_group_and_peer_allow_list(tmp_path):
         st = os.stat(sock)
         try:
             async with _uds(sock, timeout=10) as c:
-                r = await c.get("/health")
+                live = await c.get("/health")
+                r = await c.get("/ready")
+                if r.status_code != 403:  # liveness: loading is alive
+                    assert live.status_code == 200 and live.json()["status"] == "loading"
                 return r.status_code, r.json(), st.st_mode & 0o777, st.st_gid
         finally:
             await svc.drain()
@@ -300,7 +303,7 @@ def test_socket_mode_group_and_peer_allow_list(tmp_path):
     me, gid = os.getuid(), os.getgid()
     code, body, mode, group = asyncio.run(status(socket_group=str(gid)))
     assert mode == 0o660 and group == gid
-    assert code == 503 and body["status"] == "loading"  # no model attached: not healthy
+    assert code == 503 and body["status"] == "loading"  # no model attached: not ready
     code, body, _, _ = asyncio.run(status(allow_uids=frozenset({me + 4242})))
     assert code == 403 and body["error"]["code"] == "forbidden"
     code, _, _, _ = asyncio.run(status(allow_uids=frozenset({me})))

@@ -75,7 +75,7 @@ class Service:
         self.options = options
         self.notifier = notifier or Notifier()
         self.aengine: AsyncEngine | None = None
-        self.metrics = ServerMetrics(lambda: self.aengine)
+        self.metrics = ServerMetrics(lambda: self.aengine, lambda: self.model_name)
         self.model_name: str | None = None
         self.draining = False
         self.started = int(time.time())
@@ -102,6 +102,11 @@ class Service:
         app.router.add_post("/v1/tokenize", self._tokenize)
         app.router.add_post("/v1/detokenize", self._detokenize)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/ready", self._ready)
+        # lm-evaluation-harness's `tokenizer_backend=remote` (vLLM's unversioned routes)
+        app.router.add_get("/tokenizer_info", self._tokenizer_info)
+        app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_post("/detokenize", self._detokenize)
         app.router.add_get("/metrics", self._metrics)
         return app
 
@@ -270,8 +275,24 @@ class Service:
     async def _models(self, request: web.Request) -> web.Response:
         aengine = self._engine()
         assert self.model_name is not None
-        return web.json_response(models_response(self.model_name, self.started,
-                                                 aengine.engine.max_model_len))
+        body = models_response(self.model_name, self.started, aengine.engine.max_model_len)
+        body["data"][0]["provider"] = self.provider
+        return web.json_response(body)
+
+    async def _tokenizer_info(self, request: web.Request) -> web.Response:
+        """The special tokens (as text, as lm-eval asks for them) and the chat template."""
+        aengine = self._engine()
+        tok = aengine.tokenizer
+
+        def text(token_id: int | None) -> str | None:
+            return None if token_id is None else tok.hf.id_to_token(token_id)
+
+        eos = tok.eos_token_ids[0] if tok.eos_token_ids else None
+        return web.json_response({
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": text(tok.bos_token_id),
+            "eos_token": text(eos), "pad_token": text(eos), "add_bos_token": tok.add_bos_token,
+            "chat_template": tok.chat_template, "model_max_length": aengine.engine.max_model_len,
+            "vocab_size": aengine.engine.model_config.vocab_size})
 
     async def _tokenize(self, request: web.Request) -> web.Response:
         aengine = self._engine()
@@ -306,9 +327,27 @@ class Service:
         return True, "ok"
 
     async def _health(self, request: web.Request) -> web.Response:
+        """Liveness: 503 only when the engine loop died or stalled (a supervisor should restart
+        the service); loading and draining are alive."""
         ok, status = self.health()
-        return web.json_response({"status": status, "model": self.model_name},
-                                 status=200 if ok else 503)
+        alive = ok or status in ("loading", "draining")
+        return web.json_response({"status": status, "model": self.model_name,
+                                  "provider": self.provider}, status=200 if alive else 503)
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        """Readiness: 200 only once the model is loaded and every shape warmed, and not while
+        draining, so a gateway sends work only where it will be answered at once."""
+        ok, status = self.health()
+        return web.json_response({"status": status, "model": self.model_name,
+                                  "provider": self.provider}, status=200 if ok else 503)
+
+    @property
+    def provider(self) -> str | None:
+        """The execution provider the graph actually runs on (ORT reports it after session
+        creation; a GPU provider that fell back to the CPU is refused at load)."""
+        if self.aengine is None:
+            return None
+        return getattr(self.aengine.engine.runner.backend, "provider", None)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})

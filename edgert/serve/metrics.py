@@ -30,7 +30,8 @@ _TPOT_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0
 
 
 class ServerMetrics:
-    def __init__(self, engine: Callable[[], AsyncEngine | None]):
+    def __init__(self, engine: Callable[[], AsyncEngine | None],
+                 model: Callable[[], str | None] = lambda: None):
         self.registry = CollectorRegistry()
         r = self.registry
         self.http_requests = Counter(
@@ -61,26 +62,57 @@ class ServerMetrics:
         self.queue = Histogram(
             "edgert_request_queue_time_seconds", "Arrival until the engine first ran the "
             "request", buckets=_LATENCY_BUCKETS, registry=r)
-        r.register(_EngineCollector(engine))
+        # The same figures under the names and semantics serving gateways already read from
+        # vLLM (labelled by model_name as vLLM does), so a gateway in front of several boards
+        # routes on them unchanged.
+        self.vllm = {name: Histogram(f"vllm:{name}", doc, ["model_name"], buckets=buckets,
+                                     registry=r)
+                     for name, doc, buckets in (
+                         ("time_to_first_token_seconds", "Arrival to first generated token",
+                          _LATENCY_BUCKETS),
+                         ("inter_token_latency_seconds", "Time between tokens as a client "
+                          "receives them (0 for tokens that arrive together)", _TPOT_BUCKETS),
+                         ("e2e_request_latency_seconds", "Arrival to last token",
+                          _LATENCY_BUCKETS),
+                         ("request_queue_time_seconds", "Arrival until the engine first "
+                          "ran the request", _LATENCY_BUCKETS))}
+        self._last_token: dict[tuple[str, int], float] = {}  # per choice: when it last emitted
+        self._model = model
+        r.register(_EngineCollector(engine, model))
 
     def on_step(self, outputs: list[RequestOutput]) -> None:
         """Called on the engine thread after each step that produced outputs."""
+        now = time.monotonic()
+        vllm = {k: h.labels(self._model() or "") for k, h in self.vllm.items()}
         for out in outputs:
+            key = (out.request_id, out.index)
+            if out.token_ids:
+                last = self._last_token.get(key)
+                if last is not None:
+                    vllm["inter_token_latency_seconds"].observe(now - last)
+                for _ in out.token_ids[1:]:
+                    vllm["inter_token_latency_seconds"].observe(0.0)
+                self._last_token[key] = now
+            if out.finished:
+                self._last_token.pop(key, None)
             m = out.metrics
             if m is None:
                 continue
             if m.queue_time is not None:
                 self.queue.observe(m.queue_time)
+                vllm["request_queue_time_seconds"].observe(m.queue_time)
             self.requests.labels(out.finish_reason or "unknown").inc()
             self.prompt_tokens.inc(m.prompt_tokens)
             self.cached_prompt_tokens.inc(m.cached_prompt_tokens)
             self.generation_tokens.inc(m.completion_tokens)
             if m.ttft is not None:
                 self.ttft.observe(m.ttft)
+                vllm["time_to_first_token_seconds"].observe(m.ttft)
             if m.tpot is not None:
                 self.tpot.observe(m.tpot)
             if m.finished_time is not None:
                 self.e2e.observe(m.finished_time - m.arrival_time)
+                vllm["e2e_request_latency_seconds"].observe(m.finished_time - m.arrival_time)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -90,8 +122,10 @@ class _EngineCollector(Collector):
     """Engine state read at scrape time. Reads plain counters owned by the engine thread; a
     scrape racing a step may see a count that is one step old, never a torn structure."""
 
-    def __init__(self, engine: Callable[[], AsyncEngine | None]):
+    def __init__(self, engine: Callable[[], AsyncEngine | None],
+                 model: Callable[[], str | None]):
         self._engine = engine
+        self._model = model
 
     def collect(self) -> Iterable[Metric]:
         aengine = self._engine()
@@ -123,7 +157,26 @@ class _EngineCollector(Collector):
         waiting = GaugeMetricFamily("edgert_num_requests_waiting", "Sequences queued")
         waiting.add_metric([], float(sched.num_waiting))
         yield waiting
+        label = [self._model() or ""]
+        for name, doc, value in (
+                ("vllm:num_requests_running", "Sequences in the running batch",
+                 len(sched.running)),
+                ("vllm:num_requests_waiting", "Sequences queued", sched.num_waiting),
+                ("vllm:kv_cache_usage_perc", "Fraction of KV blocks owned by sequences "
+                 "(1 = full; reusable cached prefixes count as free, as in vLLM)",
+                 usage.used / max(usage.total, 1))):
+            g = GaugeMetricFamily(name, doc, labels=["model_name"])
+            g.add_metric(label, float(value))
+            yield g
         stats, astats = engine.stats, engine.allocator.stats
+        for name, doc, value in (
+                ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                 astats.prefix_queries_tokens),
+                ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                 astats.prefix_hit_tokens)):
+            c = CounterMetricFamily(name, doc, labels=["model_name"])
+            c.add_metric(label, float(value))
+            yield c
         for name, doc, value in (
             ("edgert_engine_steps", "Engine steps", stats.steps),
             ("edgert_decode_calls", "Decode graph calls", stats.decode_calls),
