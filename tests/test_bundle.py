@@ -39,6 +39,12 @@ def test_info_cli(tiny_bundle):
     for word in ("llama: 2 layers", "4 heads / 2 KV heads", "fp32", "model.onnx.data",
                  "tokenizer.json", "weights", "KV per token"):
         assert word in proc.stdout
+    import onnxruntime as ort
+
+    cuda = next(ln for ln in proc.stdout.splitlines() if ln.strip().startswith("cuda "))
+    assert ("CUDAExecutionProvider" in ort.get_available_providers()) == (
+        cuda.split()[-1] == "available"), cuda
+    assert any(ln.split() == ["cpu", "available"] for ln in proc.stdout.splitlines())
 
 
 def test_manifest_records_what_the_runtime_needs(tiny_bundle):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -17,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from edgert.outputs import RequestOutput
+from edgert.serve.board_sensors import BoardSensors
 
 if TYPE_CHECKING:
     from edgert.engine.async_engine import AsyncEngine
@@ -31,7 +33,7 @@ _TPOT_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0
 
 class ServerMetrics:
     def __init__(self, engine: Callable[[], AsyncEngine | None],
-                 model: Callable[[], str | None] = lambda: None):
+                 model: Callable[[], str | None] = lambda: None, sysfs: Path = Path("/sys")):
         self.registry = CollectorRegistry()
         r = self.registry
         self.http_requests = Counter(
@@ -79,6 +81,7 @@ class ServerMetrics:
         self._last_token: dict[tuple[str, int], float] = {}  # per choice: when it last emitted
         self._model = model
         r.register(_EngineCollector(engine, model))
+        r.register(BoardSensors(sysfs))
 
     def on_step(self, outputs: list[RequestOutput]) -> None:
         """Called on the engine thread after each step that produced outputs."""

@@ -41,5 +41,13 @@ def describe(bundle: Bundle) -> str:
         f"  KV for 16 x 2048    {human_bytes(per_token * 16 * 2048):>10}",
         f"  weights + 512 MiB KV pool: {human_bytes(weights + (512 << 20))} "
         f"({(512 << 20) // per_token} tokens in the pool)",
+        "providers on this machine (--provider; a server names the one in use in /v1/models):",
+        *providers_here(),
     ]
     return "\n".join(lines)
+
+
+def providers_here() -> list[str]:
+    from edgert.runner.backends import PROVIDERS, unavailable
+
+    return [f"  {p:<16}    {unavailable(p) or 'available'}" for p in PROVIDERS]
