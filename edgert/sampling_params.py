@@ -38,6 +38,9 @@ class SamplingParams:
     # Prompt-lookup speculative decoding: up to this many guessed tokens checked per decode
     # step; None: the server's --speculative-tokens; 0: off. Never changes the output.
     speculative_tokens: int | None = None
+    # An llguidance grammar (JSON schema, regex, choices or Lark, built by the server) that every
+    # output token must follow; the engine checks it against the tokenizer at admission.
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -71,4 +74,6 @@ class SamplingParams:
         check(self.speculative_tokens is None or (isinstance(self.speculative_tokens, int)
                                                   and 0 <= self.speculative_tokens <= 15),
               "speculative_tokens", "must be in [0, 15]")
+        check(self.grammar is None or (isinstance(self.grammar, str) and bool(self.grammar)),
+              "grammar", "must be a non-empty grammar")
         check(self.timeout is None or self.timeout > 0, "timeout", "must be > 0 seconds")

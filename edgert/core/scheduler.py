@@ -331,7 +331,9 @@ class Scheduler:
             k = cfg.speculative_tokens if k is None else k
             k = min(k, seq.params.max_tokens - len(seq.output_ids) - 1,
                     cfg.max_model_len - seq.num_tokens - 1)
-            if k < 1 or not seq.output_ids or seq.wants_prompt_logprobs:
+            # a constrained row's guesses would need the grammar's mask at every position
+            if (k < 1 or not seq.output_ids or seq.wants_prompt_logprobs
+                    or seq.params.grammar is not None):
                 continue
             guess = propose(seq.all_ids, k, cfg.ngram_min, cfg.ngram_max)
             held = len(alloc.block_table(seq.seq_id)) * alloc.block_size - seq.num_tokens

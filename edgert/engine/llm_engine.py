@@ -18,6 +18,7 @@ import uuid
 from collections import Counter
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +34,7 @@ from edgert.outputs import RequestMetrics, RequestOutput, TokenLogprob
 from edgert.runner.backends import make_backend
 from edgert.runner.kv_pool import KVPool
 from edgert.runner.model_runner import ModelRunner
+from edgert.sample.grammar import GrammarError, Grammars
 from edgert.sample.logprobs import logprobs_of
 from edgert.sample.sampler import SamplerRow, sample
 from edgert.sampling_params import SamplingParams
@@ -95,6 +97,7 @@ class _Request:
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     prompt_logprobs_sent: bool = False
     reported: set[int] = field(default_factory=set)  # choices whose final output was emitted
+    matchers: dict[int, Any] = field(default_factory=dict)  # choice -> its grammar's matcher
     ended: str | None = None  # abort/timeout reason for choices that never forked
 
     @property
@@ -123,6 +126,8 @@ class LLMEngine:
                                                config.backend, self.menu), self.block_size)
         self.stats = EngineStats()
         self._requests: dict[str, _Request] = {}
+        self.grammars = Grammars(self.tokenizer.hf.to_str, self.tokenizer.eos_token_ids,
+                                 self.model_config.vocab_size)
 
     # ---- requests ------------------------------------------------------------------------
     def validate(self, prompt_ids: Seq[int], params: SamplingParams) -> None:
@@ -131,6 +136,12 @@ class LLMEngine:
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise RequestRejected(f"prompt token ids must be in [0, {vocab})", 400, "prompt")
         self.scheduler.check_admissible(len(prompt_ids), params.max_tokens, params.n)
+        if params.grammar is not None:
+            try:
+                self.grammars.check(params.grammar)
+            except GrammarError as e:
+                raise RequestRejected(f"the constraint cannot be compiled: {e}", 400,
+                                      "grammar") from None
 
     def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival: float | None = None) -> str:
@@ -148,6 +159,8 @@ class LLMEngine:
             request_id, prompt_ids, params,
             RequestMetrics(arrival_time=arrival, prompt_tokens=len(prompt_ids)),
             {0: seq}, {0: self._stream(prompt_ids, params)})
+        if params.grammar is not None:
+            self._requests[request_id].matchers[0] = self.grammars.matcher(params.grammar)
         self.scheduler.add(seq)
         return request_id
 
@@ -184,9 +197,10 @@ class LLMEngine:
         if plan:
             self._note_calls(plan)
             results = self.runner.execute(plan)
-            kept, ended = self._feed_streams(self._sample(plan, results))
+            sampled, dead = self._sample(plan, results)
+            kept, ended = self._feed_streams(sampled)
             self.scheduler.postprocess(plan, [(seq, token) for seq, token, _ in kept])
-            for seq, reason in ended:
+            for seq, reason in [*dead, *ended]:
                 self.scheduler.finish(seq, reason)
         self.stats.steps += 1
         for req in list(self._requests.values()):
@@ -210,7 +224,8 @@ class LLMEngine:
                     metrics.first_scheduled_time = now
 
     def _sample(self, plan: StepPlan, results: list[list[np.ndarray]]
-                ) -> list[tuple[Sequence, int, TokenLogprob | None]]:
+                ) -> tuple[list[tuple[Sequence, int, TokenLogprob | None]],
+                           list[tuple[Sequence, str]]]:
         """One token for every row that computed its sequence's last token, and for each choice
         forked from it (same logits, its own seed). A speculative row samples every position
         as if its guesses were already outputs (each position's logits are bit-identical to a
@@ -233,10 +248,16 @@ class LLMEngine:
                         self._adopt(child)
                         targets.append((child, rows_logits[-1], ()))
         if not targets:
-            return []
+            return [], []
+        allowed, dead = self._allowed([s for s, _, _ in targets])
+        if dead:
+            targets = [t for t in targets if t[0] not in dead]
+            if not targets:
+                return [], list(dead.items())
         rows = [SamplerRow(params=s.params, seed=s.seed, step=len(s.output_ids) + len(g),
                            prompt_token_ids=np.asarray(s.prompt_ids, np.int32),
-                           output_token_ids=np.asarray(s.output_ids + list(g), np.int32))
+                           output_token_ids=np.asarray(s.output_ids + list(g), np.int32),
+                           allowed=allowed.get(s.seq_id))
                 for s, _, g in targets]
         result = sample(np.stack([lg for _, lg, _ in targets]), rows)
         out: list[tuple[Sequence, int, TokenLogprob | None]] = []
@@ -253,12 +274,36 @@ class LLMEngine:
                 lp = TokenLogprob(int(result.token_ids[i]), float(result.logprobs[i]),
                                   dict(top or {}))
             out.append((seq, int(result.token_ids[i]), lp))
-        return out
+        return out, list(dead.items())
+
+    def _allowed(self, seqs: list[Sequence]) -> tuple[dict[int, np.ndarray],
+                                                      dict[Sequence, str]]:
+        """The next-token masks of the constrained sequences (unconstrained ones cost nothing),
+        and the constrained ones whose grammar allows no token at all: they finish ("stop" when
+        the grammar was complete, else "grammar_dead_end"), never hang."""
+        found = []
+        for s in seqs:
+            m = self._requests[s.request_id].matchers.get(s.index)
+            if m is not None:
+                found.append((s, m))
+        if not found:
+            return {}, {}
+        masks = self.grammars.allowed([m for _, m in found])
+        allowed, dead = {}, {}
+        for (s, m), row in zip(found, masks):
+            if row.any():
+                allowed[s.seq_id] = row
+            else:
+                dead[s] = "stop" if m.is_accepting() else "grammar_dead_end"
+                self._requests[s.request_id].streams[s.index].end(dead[s])
+        return allowed, dead
 
     def _adopt(self, child: Sequence) -> None:
         req = self._requests[child.request_id]
         req.seqs[child.index] = child
         req.streams[child.index] = self._stream(req.prompt_ids, req.params)
+        if req.params.grammar is not None:
+            req.matchers[child.index] = self.grammars.matcher(req.params.grammar)
 
     def _feed_streams(self, sampled: list[tuple[Sequence, int, TokenLogprob | None]]
                       ) -> tuple[list[tuple[Sequence, int, TokenLogprob | None]],
@@ -286,6 +331,14 @@ class LLMEngine:
             if stream.append(token, len(seq.output_ids) + taken[seq.seq_id],
                              seq.num_tokens + taken[seq.seq_id], lp):
                 ended[seq.seq_id] = (seq, stream.finish_reason or "stop")
+            matcher = req.matchers.get(seq.index)
+            if matcher is not None and seq.seq_id not in ended:
+                if not matcher.consume_token(token):
+                    stream.end("grammar_dead_end")
+                elif matcher.is_stopped():  # the grammar is complete: nothing may follow
+                    stream.end("stop")
+                if stream.finish_reason is not None:
+                    ended[seq.seq_id] = (seq, stream.finish_reason)
         return kept, list(ended.values())
 
     def _prompt_logprobs(self, seq: Sequence, chunk: tuple[int, ...], start: int,

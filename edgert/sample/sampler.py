@@ -92,6 +92,8 @@ class SamplerRow:
     step: int  # index of the token being generated (0 for the first output token)
     prompt_token_ids: np.ndarray = field(default_factory=_empty_ids)  # int32, repetition_penalty
     output_token_ids: np.ndarray = field(default_factory=_empty_ids)  # int32, all penalties
+    # [V] bool: the only tokens a constraint allows (sample/grammar.py); None: unconstrained.
+    allowed: np.ndarray | None = None
 
 
 @dataclass
@@ -291,6 +293,13 @@ def sample(logits: np.ndarray, rows: list[SamplerRow]) -> SampleResult:
     n, v = x.shape
     params = [r.params for r in rows]
     work = apply_penalties(x, rows)
+    constrained = [i for i, r in enumerate(rows) if r.allowed is not None]
+    if constrained:  # masked rows only; the raw logits stay intact for logprobs
+        if work is x:
+            work = x.copy()
+        ci = np.array(constrained)
+        allowed = np.stack([rows[i].allowed for i in constrained])
+        work[ci] = np.where(allowed, work[ci], np.float32(-np.inf))
     greedy = np.array([p.greedy or p.temperature < MIN_TEMPERATURE for p in params], dtype=bool)
     tokens = np.empty(n, dtype=np.int64)
     if greedy.all():

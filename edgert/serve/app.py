@@ -383,7 +383,8 @@ class Service:
         self.model_name = self.options.served_model_name or engine.bundle.name
         block_size, total_blocks = engine.block_size, engine.pool_usage().total
         self._ctx = ParseContext(self.model_name, engine.tokenizer, engine.max_model_len,
-                                 lambda n: (total_blocks // n) * block_size)
+                                 lambda n: (total_blocks // n) * block_size,
+                                 check_grammar=engine.grammars.check)
         self._token_text = TokenText(engine.tokenizer)
         self.aengine = aengine
 
@@ -481,6 +482,9 @@ def _load_engine(bundle: str, config: EngineConfig, warmup: bool) -> LLMEngine:
         t1 = time.monotonic()
         shapes = engine.warmup()
         log.info("warmed %d shapes in %.1f s", shapes, time.monotonic() - t1)
+        t1 = time.monotonic()
+        engine.grammars.ll_tokenizer  # noqa: B018 - built now, not on the first constrained request
+        log.info("constraint tokenizer built in %.1f s", time.monotonic() - t1)
     return engine
 
 

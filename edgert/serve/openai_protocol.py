@@ -78,7 +78,6 @@ _UNSUPPORTED_CHAT: dict[str, Callable[[Any], bool]] = {
     "tool_choice": lambda v: v is None or v == "none",
     "function_call": lambda v: v is None or v == "none",
     "parallel_tool_calls": _null,
-    "response_format": lambda v: v is None or v == {"type": "text"},
     "logit_bias": _empty,
     "audio": _null,
     "modalities": lambda v: v is None or v == ["text"],
@@ -94,7 +93,8 @@ _NO_EFFECT = {"user", "metadata", "store", "service_tier", "prompt_cache_key",
 _SAMPLING = {"model", "n", "seed", "stop", "stream", "stream_options", "temperature", "top_p",
              "max_tokens", "frequency_penalty", "presence_penalty", "top_k", "min_p",
              "repetition_penalty", "ignore_eos", "stop_token_ids", "skip_special_tokens",
-             "include_stop_str_in_output", "priority", "speculative_tokens"}
+             "include_stop_str_in_output", "priority", "speculative_tokens",
+             "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar"}
 _COMPLETION_FIELDS = _SAMPLING | {"prompt", "echo", "logprobs", "best_of",
                                   "add_special_tokens"}
 _CHAT_FIELDS = _SAMPLING | {"messages", "logprobs", "top_logprobs", "max_completion_tokens",
@@ -218,6 +218,8 @@ class ParseContext:
     max_model_len: int
     max_total_tokens: Callable[[int], int]  # n -> prompt + output tokens the pool can hold
     foreign: ForeignFieldLog = field(default_factory=ForeignFieldLog)
+    # Raises ValueError naming why a grammar cannot constrain this model (Grammars.check).
+    check_grammar: Callable[[str], None] | None = None
 
 
 def _check_fields(body: dict[str, Any], route: str, known: set[str],
@@ -247,8 +249,12 @@ def _check_model(body: dict[str, Any], ctx: ParseContext) -> str:
 
 
 def _sampling(body: dict[str, Any], max_tokens: int, logprobs: int | None,
-              prompt_logprobs: int | None, field_names: dict[str, str]) -> SamplingParams:
+              prompt_logprobs: int | None, field_names: dict[str, str],
+              ctx: ParseContext) -> SamplingParams:
+    from edgert.serve.guided import grammar_of
+
     seed = _opt_int(body, "seed")
+    grammar = grammar_of(body, ctx.check_grammar)
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -271,6 +277,7 @@ def _sampling(body: dict[str, Any], max_tokens: int, logprobs: int | None,
             include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
             priority=_int(body, "priority", 0),
             speculative_tokens=_opt_int(body, "speculative_tokens"),
+            grammar=grammar,
         )
     except ParamError as e:
         name = field_names.get(e.field, e.field)
@@ -317,7 +324,7 @@ def parse_completion(body: dict[str, Any], ctx: ParseContext) -> GenerationReque
                                          _bool(body, "add_special_tokens", True))
     params = _sampling(body, max(1, max_tokens), logprobs,
                        logprobs if echo and logprobs is not None else None,
-                       {"prompt_logprobs": "logprobs"})
+                       {"prompt_logprobs": "logprobs"}, ctx)
     return GenerationRequest("completion", model, prompts, texts, params, stream, include_usage,
                              echo=echo, drop_output=max_tokens == 0, logprobs=logprobs)
 
@@ -392,7 +399,7 @@ def parse_chat(body: dict[str, Any], ctx: ParseContext) -> GenerationRequest:
                                    max(1, room), 1)
     logprobs = (top or 0) if want_logprobs else None
     params = _sampling(body, max_tokens, logprobs, None,
-                       {"max_tokens": name, "logprobs": "top_logprobs"})
+                       {"max_tokens": name, "logprobs": "top_logprobs"}, ctx)
     return GenerationRequest("chat", model, [ids], [text], params, stream, include_usage,
                              logprobs=logprobs)
 

@@ -66,6 +66,12 @@ class TokenStream:
             return self._finish("length")
         return False
 
+    def end(self, reason: str) -> None:
+        """Finish from outside the stop rules (a constraint that completed or dead-ended):
+        held-back text is released as on any other end."""
+        if self.finish_reason is None:
+            self._finish(reason)
+
     def _emit(self, text: str) -> None:
         self.pending_text += text
         self.text += text

@@ -59,13 +59,30 @@ def workload(tokenizer, n: int, mean_len: int, dist: str, seed: int = 0) -> list
     return out
 
 
-def run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, label: str
-        ) -> BenchResult:
+# What `--versus constrained` asks of every 4th request: a JSON array of integers with more
+# items than max_tokens can hold, so the constrained requests do the same work as the others
+# (a closed array would stop early).
+def constraint(max_tokens: int) -> dict:
+    return {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999},
+            "minItems": max_tokens}
+
+
+def run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, label: str,
+        constrain_every: int = 0) -> BenchResult:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    constrained = params
+    if constrain_every:
+        import llguidance
+
+        from edgert.serve.guided import JSON_OPTIONS
+
+        constrained = replace(params, grammar=llguidance.LLMatcher.grammar_from_json_schema(
+            constraint(max_tokens), defaults=JSON_OPTIONS))
     stats0 = replace(engine.stats)
     t0 = time.perf_counter()
-    for p in prompts:  # all arrive at once: the engine's queue does the rest
-        engine.add_request(p, params)
+    for i, p in enumerate(prompts):  # all arrive at once: the engine's queue does the rest
+        engine.add_request(p, constrained if constrain_every and i % constrain_every == 0
+                           else params)
     ttfts, out_tokens = [], 0
     while engine.has_unfinished():
         for out in engine.step():
@@ -89,6 +106,8 @@ def main(args: argparse.Namespace, config: EngineConfig) -> int:
         "sequential": (replace(config, max_num_seqs=1), "sequential (max_num_seqs=1)"),
         "one-decode-call": (replace(config, max_num_seqs=concurrency, max_decode_calls=1),
                             "one decode call per step"),
+        "constrained": (replace(config, max_num_seqs=concurrency),
+                        "batched, 25% constrained (JSON)"),
     }[versus]
     batched = LLMEngine(args.bundle, replace(config, max_num_seqs=concurrency))
     prompts = workload(batched.tokenizer, args.requests, args.prompt_len, args.len_dist,
@@ -103,7 +122,8 @@ def main(args: argparse.Namespace, config: EngineConfig) -> int:
     other = LLMEngine(args.bundle, replace(other_config, verify_bundle=False))
     other.warmup()
     run(other, prompts[:1], 4, "warm")
-    results.append(run(other, prompts, max_tokens, other_label))
+    results.append(run(other, prompts, max_tokens, other_label,
+                       constrain_every=4 if versus == "constrained" else 0))
     for r in results:
         print(f"{r.label:<32} {r.requests} requests, {r.prompt_tokens} prompt + "
               f"{r.output_tokens} output tokens in {r.seconds:.1f} s: "

@@ -137,10 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", nargs="?", help="bundle directory (with --offline)")
     p.add_argument("--offline", action="store_true",
                    help="benchmark the engine in-process instead of a server")
-    p.add_argument("--versus", choices=["sequential", "one-decode-call"], default="sequential",
+    p.add_argument("--versus", choices=["sequential", "one-decode-call", "constrained"],
+                   default="sequential",
                    help="with --offline, what the batched run is compared with: one sequence at "
-                        "a time (default), or every decoder in one call per step (no length "
-                        "classes)")
+                        "a time (default), every decoder in one call per step (no length "
+                        "classes), or the same batch with every 4th request constrained to a "
+                        "JSON array of integers (the cost of constrained decoding)")
     add_engine_args(p)
     target = p.add_argument_group("target")
     target.add_argument("--socket", metavar="PATH", help="the server's Unix socket")

@@ -1,0 +1,76 @@
+"""Constrained decoding: which tokens a grammar allows next, with llguidance.
+
+A request's constraint arrives as an llguidance grammar (built from a JSON schema, a regex, a
+choice list or a Lark grammar by the server, see serve/guided.py); here it meets the bundle's
+tokenizer. llguidance builds its token trie from our own `tokenizer.json` (no torch, no
+transformers) once, on the first constrained request, off the engine thread. Each constrained
+choice gets a matcher that follows the tokens it accepts; the sampler receives one boolean row
+per constrained row and masks only those rows, so an unconstrained request pays nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import llguidance
+
+
+class GrammarError(ValueError):
+    """A grammar that cannot be compiled for this tokenizer; the message names the problem."""
+
+
+class Grammars:
+    def __init__(self, tokenizer_json: Callable[[], str], eos_token_ids: list[int],
+                 vocab_size: int):
+        self._tokenizer_json = tokenizer_json  # called once, when first needed
+        self._eos = list(eos_token_ids)
+        self.vocab_size = vocab_size
+        self._ll: llguidance.LLTokenizer | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def ll_tokenizer(self) -> llguidance.LLTokenizer:
+        """Built once (about a second for a 49k vocabulary); any thread may be first."""
+        with self._lock:
+            if self._ll is None:
+                import llguidance
+
+                self._ll = llguidance.LLTokenizer(
+                    self._tokenizer_json(), n_vocab=self.vocab_size, eos_token=self._eos or None)
+            return self._ll
+
+    def check(self, grammar: str) -> None:
+        """Raise GrammarError naming why `grammar` cannot constrain this model."""
+        import llguidance
+
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+            grammar, self.ll_tokenizer)
+        if is_error:
+            raise GrammarError(messages[0] if messages else "invalid grammar")
+
+    def matcher(self, grammar: str) -> llguidance.LLMatcher:
+        import llguidance
+
+        m = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
+        if m.is_error():
+            raise GrammarError(m.get_error())
+        return m
+
+    def allowed(self, matchers: list[llguidance.LLMatcher]) -> np.ndarray:
+        """[len(matchers), vocab_size] bool: the tokens each matcher allows next. One bit per
+        token from llguidance, unpacked with numpy (no Python loop over the vocabulary)."""
+        import llguidance.numpy as lln
+
+        bits = lln.allocate_token_bitmask(len(matchers), self.ll_tokenizer.vocab_size)
+        for i, m in enumerate(matchers):
+            lln.fill_next_token_bitmask(m, bits, i)
+        mask = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little").astype(bool)
+        out = np.zeros((len(matchers), self.vocab_size), dtype=bool)
+        width = min(self.vocab_size, mask.shape[1])
+        out[:, :width] = mask[:, :width]
+        return out
