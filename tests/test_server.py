@@ -358,7 +358,7 @@ def test_stream_usage_and_echo(server):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "messages[0].content[0].type"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                              "tools": [{"type": "function"}]}, 400, "tools"),
+                              "tools": [{"type": "function"}]}, 400, "tools[0]"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                               "response_format": {"type": "grammar"}}, 400,
      "response_format"),
@@ -369,7 +369,7 @@ def test_stream_usage_and_echo(server):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                               "max_completion_tokens": 0}, 400, "max_completion_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400,
-     "messages[0].role"),
+     "messages[0].tool_call_id"),
 ])
 def test_errors_name_the_field(http, path, body, status, param):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -639,8 +639,8 @@ def test_openai_package_over_the_socket(server):
     assert c.choices[0].logprobs.token_logprobs[0] is None
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}],
-                                       tools=[{"type": "function", "function": {"name": "f"}}])
-    assert "tools" in str(e.value)
+                                       tools=[{"type": "function", "function": {"name": "f g"}}])
+    assert "tools[0].function.name" in str(e.value)
 
 
 def test_edgert_client(server):

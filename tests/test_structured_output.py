@@ -146,7 +146,8 @@ def test_regex_choice_grammar_and_streaming(server):
     assert re.fullmatch(r" [0-9]{1,2}\.", out["regex"]["choices"][0]["text"]), out["regex"]
     assert out["choice"]["choices"][0]["message"]["content"] in ("yes", "no")
     assert out["choice"]["choices"][0]["finish_reason"] == "stop"
-    assert re.fullmatch(r"[0-9]{1,3}(, [0-9]{1,3}){3}", out["lark"]["choices"][0]["text"]), out["lark"]
+    lark = out["lark"]["choices"][0]["text"]
+    assert re.fullmatch(r"[0-9]{1,3}(, [0-9]{1,3}){3}", lark), out["lark"]
     jsonschema.validate(json.loads(out["stream"]), SCHEMAS[0])
     assert out["stream"] == out["stream_whole"]["choices"][0]["message"]["content"]
 

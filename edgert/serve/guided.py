@@ -27,7 +27,16 @@ def grammar_of(body: dict[str, Any], check: Callable[[str], None] | None) -> str
         raise ApiError(400, f"{given[0]} and {given[1]}: give at most one output constraint",
                        given[1], "invalid_value")
     name = given[0]
-    grammar = _build(name, body[name])
+    return _checked(name, _build(name, body[name]), check)
+
+
+def schema_grammar(name: str, schema: dict[str, Any],
+                   check: Callable[[str], None] | None) -> str:
+    """A JSON schema's grammar, checked; errors name `name` (e.g. a tool's parameters)."""
+    return _checked(name, _schema(name, schema), check)
+
+
+def _checked(name: str, grammar: str, check: Callable[[str], None] | None) -> str:
     if check is not None:
         try:
             check(grammar)

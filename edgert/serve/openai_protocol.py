@@ -73,11 +73,8 @@ _UNSUPPORTED_COMPLETION: dict[str, Callable[[Any], bool]] = {
     "logit_bias": _empty,
 }
 _UNSUPPORTED_CHAT: dict[str, Callable[[Any], bool]] = {
-    "tools": _empty,
     "functions": _empty,
-    "tool_choice": lambda v: v is None or v == "none",
     "function_call": lambda v: v is None or v == "none",
-    "parallel_tool_calls": _null,
     "logit_bias": _empty,
     "audio": _null,
     "modalities": lambda v: v is None or v == ["text"],
@@ -98,7 +95,8 @@ _SAMPLING = {"model", "n", "seed", "stop", "stream", "stream_options", "temperat
 _COMPLETION_FIELDS = _SAMPLING | {"prompt", "echo", "logprobs", "best_of",
                                   "add_special_tokens"}
 _CHAT_FIELDS = _SAMPLING | {"messages", "logprobs", "top_logprobs", "max_completion_tokens",
-                            "add_generation_prompt"}
+                            "add_generation_prompt", "tools", "tool_choice",
+                            "parallel_tool_calls"}
 
 
 class ForeignFieldLog:
@@ -205,6 +203,7 @@ class GenerationRequest:
     echo: bool = False
     drop_output: bool = False  # echo with max_tokens 0: run one token and drop it (vLLM)
     logprobs: int | None = None  # top alternatives per token; None: no logprobs in the answer
+    tools: Any = None  # serve.tools.Tools when the reply may be a function call
     request_id: str = field(default_factory=lambda: secrets.token_hex(12))
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -250,11 +249,16 @@ def _check_model(body: dict[str, Any], ctx: ParseContext) -> str:
 
 def _sampling(body: dict[str, Any], max_tokens: int, logprobs: int | None,
               prompt_logprobs: int | None, field_names: dict[str, str],
-              ctx: ParseContext) -> SamplingParams:
-    from edgert.serve.guided import grammar_of
+              ctx: ParseContext, call_schema: dict[str, Any] | None = None) -> SamplingParams:
+    from edgert.serve.guided import grammar_of, schema_grammar
 
     seed = _opt_int(body, "seed")
     grammar = grammar_of(body, ctx.check_grammar)
+    if call_schema is not None:  # a required tool call: its JSON, arguments by their schema
+        if grammar is not None:
+            raise invalid("tool_choice", "a required tool call cannot take another output "
+                                         "constraint")
+        grammar = schema_grammar("tools", call_schema, ctx.check_grammar)
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -381,10 +385,20 @@ def parse_chat(body: dict[str, Any], ctx: ParseContext) -> GenerationRequest:
     top = _opt_int(body, "top_logprobs", 0, 20)
     if top is not None and not want_logprobs:
         raise invalid("top_logprobs", "requires logprobs: true")
+    from edgert.serve import tools as fc
+
     messages = parse_messages(body.get("messages"))
     add_generation_prompt = _bool(body, "add_generation_prompt", True)
+    tools = fc.parse_tools(body)
     try:
-        text = ctx.tokenizer.apply_chat_template(messages, add_generation_prompt)
+        if fc.native(ctx.tokenizer.chat_template):
+            text = ctx.tokenizer.apply_chat_template(
+                fc.native_messages(messages), add_generation_prompt,
+                tools=[{"type": "function", "function": f} for f in tools.functions]
+                if tools else None)
+        else:
+            text = ctx.tokenizer.apply_chat_template(fc.fallback_messages(messages, tools),
+                                                     add_generation_prompt)
     except ChatTemplateError as e:
         raise ApiError(422, f"messages: {e}", "messages", "chat_template_error") from None
     except Exception as e:  # a template is code from the bundle; any failure is the input's
@@ -399,12 +413,33 @@ def parse_chat(body: dict[str, Any], ctx: ParseContext) -> GenerationRequest:
                                    max(1, room), 1)
     logprobs = (top or 0) if want_logprobs else None
     params = _sampling(body, max_tokens, logprobs, None,
-                       {"max_tokens": name, "logprobs": "top_logprobs"}, ctx)
+                       {"max_tokens": name, "logprobs": "top_logprobs"}, ctx,
+                       tools.call_schema() if tools and tools.forced else None)
     return GenerationRequest("chat", model, [ids], [text], params, stream, include_usage,
-                             logprobs=logprobs)
+                             logprobs=logprobs, tools=tools)
 
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+          "tool": "tool"}
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant's earlier calls, as sent back by a client: id, name, arguments (a JSON
+    string, as OpenAI sends them)."""
+    if not isinstance(calls, list):
+        raise invalid(where, "must be an array")
+    out = []
+    for j, c in enumerate(calls):
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise invalid(f"{where}[{j}]", 'must be {"id", "type": "function", "function": '
+                                           '{"name", "arguments"}}')
+        args = f.get("arguments", "{}")
+        if not isinstance(args, str):
+            raise invalid(f"{where}[{j}].function.arguments", "must be a JSON string")
+        out.append({"id": str(c.get("id") or ""), "type": "function",
+                    "function": {"name": f["name"], "arguments": args}})
+    return out
 
 
 def parse_messages(messages: Any) -> list[dict[str, Any]]:
@@ -418,17 +453,29 @@ def parse_messages(messages: Any) -> list[dict[str, Any]]:
         if not isinstance(m, dict):
             raise invalid(where, "must be an object")
         role = m.get("role")
-        if role in ("tool", "function"):
-            raise ApiError(400, f"{where}.role: {role!r} messages are not supported (no tool "
-                                "calling)", f"{where}.role", "unsupported_parameter")
+        if role == "function":
+            raise ApiError(400, f"{where}.role: 'function' messages are deprecated; use 'tool'",
+                           f"{where}.role", "unsupported_parameter")
         if not isinstance(role, str) or role not in _ROLES:
-            raise invalid(f"{where}.role", "must be one of system, developer, user, assistant")
-        for key in ("tool_calls", "function_call", "audio", "refusal"):
+            raise invalid(f"{where}.role",
+                          "must be one of system, developer, user, assistant, tool")
+        for key in ("function_call", "audio", "refusal"):
             if not _empty(m.get(key)):
                 raise ApiError(400, f"{where}.{key}: not supported by this server",
                                f"{where}.{key}", "unsupported_parameter")
-        msg: dict[str, Any] = {"role": _ROLES[role], "content": _content(m.get("content"),
-                                                                         where)}
+        calls = m.get("tool_calls")
+        if not _empty(calls) and role != "assistant":
+            raise invalid(f"{where}.tool_calls", "only assistant messages make tool calls")
+        content = m.get("content")
+        msg: dict[str, Any] = {"role": _ROLES[role], "content": "" if content is None and (
+            calls or role == "assistant") else _content(content, where)}
+        if not _empty(calls):
+            msg["tool_calls"] = _tool_calls(calls, f"{where}.tool_calls")
+        if role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str):
+                raise invalid(f"{where}.tool_call_id", "is required for a tool message")
+            msg["tool_call_id"] = call_id
         name = m.get("name")
         if name is not None:
             if not isinstance(name, str):

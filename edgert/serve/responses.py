@@ -10,6 +10,7 @@ from typing import Any
 
 from edgert.outputs import RequestOutput, TokenLogprob
 from edgert.serve.openai_protocol import GenerationRequest
+from edgert.serve.tools import tool_calls
 from edgert.text.tokenizer import Tokenizer
 
 _LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM reports impossible tokens the same way
@@ -42,6 +43,7 @@ class _Choice:
     finish_reason: str | None = None
     started: bool = False  # a chat stream's first chunk carries the role
     offset: int = 0  # text_offset of the next completion logprob
+    calls: list[dict[str, Any]] | None = None  # the reply as tool calls, once it is whole
 
 
 class ResponseBuilder:
@@ -91,6 +93,12 @@ class ResponseBuilder:
         if out.finished:
             ch.finish_reason = out.finish_reason
             self._remaining -= 1
+            if req.tools is not None:
+                ch.calls = tool_calls(ch.text, req.tools)
+                if ch.calls is not None:
+                    ch.finish_reason = "tool_calls"
+        if req.tools is not None and req.stream:  # a call is known only once the reply is whole
+            return self._tool_delta(index, ch, first, out.finished)
         if not req.stream or (not delta and not out.finished and not entry_lps
                               and not (first and req.kind == "chat")):
             return None
@@ -105,6 +113,22 @@ class ResponseBuilder:
                 "logprobs": {"content": self._chat_logprobs(entry_lps)}
                 if req.logprobs is not None else None,
                 "finish_reason": ch.finish_reason if out.finished else None}
+
+    def _tool_delta(self, index: int, ch: _Choice, first: bool,
+                    finished: bool) -> dict[str, Any] | None:
+        """With tools, a chat stream holds the reply back and sends it whole at the end: as
+        `tool_calls` deltas when it is a call, else as content (OpenAI allows either)."""
+        if not first and not finished:
+            return None
+        d: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+        if finished:
+            if ch.calls is not None:
+                d["content"] = None
+                d["tool_calls"] = [{"index": i, **c} for i, c in enumerate(ch.calls)]
+            else:
+                d["content"] = ch.text
+        return {"index": index, "delta": d, "logprobs": None,
+                "finish_reason": ch.finish_reason if finished else None}
 
     def _echo_text(self, prompt_index: int) -> str:
         text = self.req.prompt_texts[prompt_index]
@@ -196,8 +220,10 @@ class ResponseBuilder:
                 choices.append({"index": i, "text": ch.text, "logprobs": lps,
                                 "finish_reason": ch.finish_reason})
             else:
-                choices.append({"index": i,
-                                "message": {"role": "assistant", "content": ch.text},
+                message: dict[str, Any] = {"role": "assistant", "content": ch.text}
+                if ch.calls is not None:
+                    message = {"role": "assistant", "content": None, "tool_calls": ch.calls}
+                choices.append({"index": i, "message": message,
                                 "logprobs": {"content": self._chat_logprobs(ch.logprobs)}
                                 if req.logprobs is not None else None,
                                 "finish_reason": ch.finish_reason})

@@ -74,13 +74,15 @@ class Tokenizer:
         return "" if token_id is None else (self.id_to_token(token_id) or "")
 
     def apply_chat_template(self, messages: list[dict[str, Any]],
-                            add_generation_prompt: bool = True) -> str:
+                            add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
         """Render messages to the prompt text; the text is then encoded without adding BOS
         again (templates that want BOS write it themselves)."""
         eos = self.eos_token_ids[0] if self.eos_token_ids else None
         try:
             return self._template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt,
+                **({"tools": tools} if tools else {}),
                 bos_token=self._token_text(self.bos_token_id), eos_token=self._token_text(eos))
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"chat template failed: {e}") from None
