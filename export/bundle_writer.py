@@ -52,18 +52,19 @@ def write_bundle(ckpt: Checkpoint, out: Path, *, block_size: int = 16, progress:
     try:
         meta: dict[str, Any] = {"precision": "fp32", "flavour": "portable", "domains": [""],
                                 "quantization": None, "calibration": None, "ort": {},
-                                "dtype": "float32"}
+                                "dtype": "float32",
+                                "kv_dtype": quant.kv_pool_dtype if quant else "float32"}
         with tqdm(total=cfg.num_layers, desc="build graph", unit="layer",
                   disable=not progress) as bar:
             if quant is None or quant.is_plain_fp32:
-                model = build_decoder(ckpt, progress=bar.update)
+                model = build_decoder(ckpt, progress=bar.update, kv_dtype=meta["kv_dtype"])
             else:
                 qg = build_quantized(ckpt, quant, calibration, progress=bar.update,
                                      show_progress=progress)
                 model = qg.model
                 meta.update(precision=qg.precision, flavour=qg.flavour, domains=qg.domains,
                             quantization=qg.quantization, ort=qg.ort_session_config,
-                            dtype=qg.activation_dtype)
+                            dtype=qg.activation_dtype, kv_dtype=qg.kv_dtype)
                 if qg.calibration is not None:
                     qg.calibration.to_npz(tmp / CALIBRATION_FILE)
                     meta["calibration"] = qg.calibration.manifest()
@@ -94,7 +95,8 @@ def write_bundle(ckpt: Checkpoint, out: Path, *, block_size: int = 16, progress:
             "calibration": meta["calibration"],
             "kv": {
                 "layout": ["num_blocks", "kv_heads", "block_size", "head_dim"],
-                "dtype": meta["dtype"],  # the pools' and new_kv's dtype: the graph's activations
+                # the pools' and new_kv's dtype: the activations', or float16 under float32 ones
+                "dtype": meta["kv_dtype"],
                 "block_size": block_size,
                 "null_block": 0,
                 "new_kv_layout": ["layers", 2, "S", "T", "kv_heads", "head_dim"],

@@ -63,11 +63,13 @@ def _export(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{args.output} exists; pass --force to replace it")
     progress = not args.no_progress
     ckpt = load_source(args.src, progress=progress)
-    if quant.is_plain_fp32 or args.no_eval:
+    # the float graph with a float32 pool loses nothing; anything else is scored against it
+    lossless = quant.is_plain_fp32 and quant.kv_pool_dtype == "float32"
+    if lossless or args.no_eval:
         out = write_bundle(ckpt, args.output, block_size=args.block_size, progress=progress,
                            name=args.name, overwrite=args.force, quant=quant)
         print(describe(Bundle.load(out, verify=False)))
-        if not quant.is_plain_fp32:
+        if not lossless:
             print("quality gate NOT checked (--no-eval)")
         return 0
     return export_with_gate(ckpt, args, quant)

@@ -17,6 +17,13 @@ with float32 islands where float16 loses too much: RMSNorm's mean of squares and
 (cast back before the weight, as transformers does), the masked attention scores and their
 Softmax, and the RoPE tables (computed in float32, then cast). Logits leave as float32. The mask
 value lives in the float32 island; every float16 constant is checked to be finite.
+
+The KV pools (and `new_kv`) are the activation dtype unless `kv_dtype` says float16 in a float32
+graph: half the pool's bytes, the graph still computing in float32. The step's new K/V are then
+rounded to float16 BEFORE they join the past, so every key a query sees went through the same
+rounding whether it came from the pool or from this very call: a chunked prefill stays
+bit-identical to a whole one, and the pool stores exactly what the step attended to. The gathered
+float16 blocks (the new K/V scattered in) are widened to float32 once, for the GEMMs.
 """
 
 from __future__ import annotations
@@ -103,15 +110,23 @@ class DecoderGraphBuilder:
     receives the float weight [in, out] and returns the output name of x @ W."""
 
     def __init__(self, ckpt: Checkpoint, progress: Callable[[int], None] | None = None,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", kv_dtype: str | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"activation dtype must be one of {sorted(DTYPES)}")
+        kv_dtype = kv_dtype or dtype
+        if kv_dtype not in DTYPES:
+            raise ValueError(f"KV dtype must be one of {sorted(DTYPES)}")
+        if dtype == "float16" and kv_dtype != "float16":
+            raise ValueError("a float16 graph keeps a float16 KV pool (a float32 pool would "
+                             "only store float16 values in twice the bytes)")
         self.ckpt = ckpt
         self.cfg: ModelConfig = ckpt.config
-        self.dtype = dtype  # activations, weights of the float layers, the KV pools, new_kv
+        self.dtype = dtype  # activations and the weights of the float layers
         self.act = DTYPES[dtype]
         self.np_act = np.dtype(dtype)
         self.float16 = dtype == "float16"
+        self.kv_dtype = kv_dtype  # the pools' and new_kv's
+        self.kv = DTYPES[kv_dtype]
         # The LM head's output; a float16 graph then casts it to the float32 logits.
         self.logits_out = IO.logits if not self.float16 else "logits_float16"
         self.b = _Builder()
@@ -190,7 +205,7 @@ class DecoderGraphBuilder:
         for layer in range(cfg.num_layers):
             for pool in (IO.pool_key(layer), IO.pool_value(layer)):
                 inputs.append(helper.make_tensor_value_info(
-                    pool, self.act, ["num_blocks", kvh, "block_size", d]))
+                    pool, self.kv, ["num_blocks", kvh, "block_size", d]))
 
         x = self.embedding(IO.input_ids)
 
@@ -232,7 +247,7 @@ class DecoderGraphBuilder:
 
         outputs = [
             helper.make_tensor_value_info(IO.logits, TensorProto.FLOAT, ["N", cfg.vocab_size]),
-            helper.make_tensor_value_info(IO.new_kv, self.act,
+            helper.make_tensor_value_info(IO.new_kv, self.kv,
                                           [cfg.num_layers, 2, "S", "T", kvh, d]),
         ]
         graph = helper.make_graph(b.nodes, "edgert_paged_decoder", inputs, outputs,
@@ -349,7 +364,11 @@ class DecoderGraphBuilder:
             k = self.rope(k, cos, sin)
         else:  # one RoPE over all heads, v's with the identity rotation: 8 kernels, not 16
             q, k, v = b.op("Split", self.rope(qkv, *self._qkv_rope), split, axis=2, outputs=3)
-        # k [S, T, kvh, d] (rotated) and v are what goes into the pool
+        # k [S, T, kvh, d] (rotated) and v are what goes into the pool, in the pool's dtype:
+        # rounded before they join the past (module docstring), returned as new_kv
+        widen = self.kv != self.act
+        if widen:
+            k, v = self.cast(k, self.kv), self.cast(v, self.kv)
 
         # Queries grouped per KV head, the g heads' rows stacked: [S, kvh, g*T, d], pre-scaled
         # by 1/sqrt(d). Stacking makes each attention GEMM at least two rows tall even when
@@ -389,6 +408,8 @@ class DecoderGraphBuilder:
                                      b.op("Transpose", k, perm=heads_first)), flat)
         v_all = b.op("Reshape", b.op("ScatterND", v_blocks, self._scatter_at,
                                      b.op("Transpose", v, perm=heads_first)), flat)
+        if widen:  # float16 keys and values, float32 GEMMs
+            k_all, v_all = self.cast(k_all, self.act), self.cast(v_all, self.act)
         kp = b.op("Transpose", k_all, perm=[0, 1, 3, 2])  # [S, kvh, d, P]: ORT fuses it
         vp = v_all  # [S, kvh, P, d]
         # The masked scores and their Softmax in float32 (the mask value is far beyond float16,
@@ -450,6 +471,7 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
 
 
 def build_decoder(ckpt: Checkpoint, progress: Callable[[int], None] | None = None,
-                  dtype: str = "float32") -> onnx.ModelProto:
-    """The float graph: float32, or float16 with its float32 islands (module docstring)."""
-    return DecoderGraphBuilder(ckpt, progress, dtype).build()
+                  dtype: str = "float32", kv_dtype: str | None = None) -> onnx.ModelProto:
+    """The float graph: float32, or float16 with its float32 islands (module docstring); the KV
+    pools `kv_dtype` (None: the activation dtype)."""
+    return DecoderGraphBuilder(ckpt, progress, dtype, kv_dtype).build()

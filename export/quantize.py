@@ -45,6 +45,7 @@ FLAVOURS = ("portable", "cpu")
 METHODS = ("gptq", "rtn")
 TABLE_PRECISIONS = ("fp32", "fp16", "int8")  # embedding / tied LM head table
 HEAD_PRECISIONS = ("fp32", "fp16", "int8", "int4")
+KV_DTYPES = ("auto", "float32", "float16")
 MS_DOMAIN = "com.microsoft"
 EMBED = "model.embed_tokens.weight"
 # ONNX Runtime fuses Q/DQ around a MatMul into a u8s8 integer GEMM whose int16 pair sums
@@ -82,6 +83,9 @@ class QuantConfig:
     # faster at batch >= 16 and in prefill, but measurably less accurate on SmolLM2 (README).
     int8_kernel: str = "blocks"
     int8_block: int = 32
+    # The KV pools' dtype: "auto" = the activation dtype; float16 halves a float32 graph's pool
+    # (graph.py rounds the new K/V before attention, so batch invariance holds)
+    kv_dtype: str = "auto"
     calib: CalibConfig = field(default_factory=CalibConfig)
 
     def __post_init__(self) -> None:
@@ -97,6 +101,13 @@ class QuantConfig:
             raise ValueError(f"LM head precision must be one of {HEAD_PRECISIONS}")
         if self.int8_kernel not in ("blocks", "rows"):
             raise ValueError("int8 kernel must be 'blocks' or 'rows'")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"KV dtype must be one of {KV_DTYPES}")
+        if self.activation_dtype == "float16" and self.kv_dtype == "float32":
+            what, fix = (("fp16", "--precision fp32") if self.precision == "fp16"
+                         else (f"{self.precision}/portable", "--flavour cpu"))
+            raise ValueError(f"--kv-dtype float32 needs a float32 graph; {what} computes in "
+                             f"float16, so its KV pool is float16 (use auto, or {fix})")
         if self.group_size not in (16, 32, 64, 128, 256):
             raise ValueError("group size must be one of 16, 32, 64, 128, 256")
         if not self.symmetric and self.flavour == "portable" and "int4" in (
@@ -120,6 +131,11 @@ class QuantConfig:
                                         and self.flavour == "portable"):
             return "float16"
         return "float32"
+
+    @property
+    def kv_pool_dtype(self) -> str:
+        """The KV pools' and new_kv's dtype: kv_dtype, "auto" being the activation dtype."""
+        return self.activation_dtype if self.kv_dtype == "auto" else self.kv_dtype
 
     @property
     def weight_only_layers(self) -> tuple[str, ...]:
@@ -182,7 +198,8 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
     def __init__(self, ckpt: Checkpoint, qcfg: QuantConfig,
                  calibration: Calibration | None = None,
                  progress: Callable[[int], None] | None = None):
-        super().__init__(ckpt, progress, dtype=qcfg.activation_dtype)
+        super().__init__(ckpt, progress, dtype=qcfg.activation_dtype,
+                         kv_dtype=qcfg.kv_pool_dtype)
         self.q = qcfg
         self.calibration = calibration
         self.ops = QuantOps(self.b, qcfg.accuracy_level, act=self.act)
@@ -491,7 +508,8 @@ class QuantizedGraph:
     calibration: Calibration | None
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)
     ort_session_config: dict[str, str] = field(default_factory=dict)
-    activation_dtype: str = "float32"  # also the KV pool's dtype
+    activation_dtype: str = "float32"
+    kv_dtype: str = "float32"  # the KV pools' and new_kv's
 
 
 def build_quantized(ckpt: Checkpoint, qcfg: QuantConfig, calibration: Calibration | None = None,
@@ -518,4 +536,5 @@ def build_quantized(ckpt: Checkpoint, qcfg: QuantConfig, calibration: Calibratio
     return QuantizedGraph(model, qcfg.precision, qcfg.graph_flavour, domains,
                           builder.manifest() if qcfg.precision != "fp32" else None,
                           calibration if qcfg.needs_calibration() else None, builder.quantized,
-                          dict(PORTABLE_ORT_CONFIG) if qdq else {}, builder.dtype)
+                          dict(PORTABLE_ORT_CONFIG) if qdq else {}, builder.dtype,
+                          builder.kv_dtype)

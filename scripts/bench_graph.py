@@ -1,6 +1,7 @@
 """Raw graph calls of two bundles, interleaved call by call so both see the same machine:
-decode S=1 and S=16 over a 128-token past, a 128-token prefill. Median ms per call and the
-ratio second / first. Usage: scripts/bench_graph.py BUNDLE_A BUNDLE_B [--calls 30]."""
+decode S=1 and S=16 over a 128-token past (--past), a 128-token prefill. Median ms per call and
+the ratio second / first. Usage: scripts/bench_graph.py BUNDLE_A BUNDLE_B [--calls 30]
+[--past 304]. The calls read the null block only: the gathers copy B blocks whatever they hold."""
 
 from __future__ import annotations
 
@@ -15,7 +16,13 @@ from edgert.config import BackendConfig
 from edgert.runner.ort_backend import OrtBackend
 from edgert.runner.step_inputs import dummy_inputs
 
-SHAPES = {"decode S=1": (1, 1, 8), "decode S=16": (16, 1, 8), "prefill S=1 T=128": (1, 128, 8)}
+BLOCK = 16
+
+
+def shapes(past: int) -> dict[str, tuple[int, int, int]]:
+    b = -(-past // BLOCK)  # blocks the table covers, the new token's slot included
+    return {"decode S=1": (1, 1, b), "decode S=16": (16, 1, b),
+            "prefill S=1 T=128": (1, 128, 8)}
 
 
 def main() -> None:
@@ -24,14 +31,17 @@ def main() -> None:
     ap.add_argument("b")
     ap.add_argument("--calls", type=int, default=30)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--past", type=int, default=128,
+                    help="tokens a decode attends to, its own included (128: 8 blocks)")
     args = ap.parse_args()
-    backends = [OrtBackend(Bundle.load(p, verify=False), 256, 16,
+    backends = [OrtBackend(Bundle.load(p, verify=False), 256, BLOCK,
                            BackendConfig(threads=args.threads)) for p in (args.a, args.b)]
     with open("/proc/cpuinfo") as f:
         flags = f.read()
     print("CPU flags:", " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16")
                                   if f" {f}" in flags))
-    for label, shape in SHAPES.items():
+    for label, shape in shapes(args.past).items():
+        label += f" past {args.past}" if label.startswith("decode") else ""
         x, slots = dummy_inputs(shape), np.full(shape[:2], -1, np.int64)
         times: list[list[float]] = [[], []]
         for _ in range(3):
@@ -43,7 +53,7 @@ def main() -> None:
                 be.run(x, slots)
                 times[i].append(time.perf_counter() - t)
         a, b = (statistics.median(t) * 1000 for t in times)
-        print(f"{label:18} {a:8.2f} ms  {b:8.2f} ms  ratio {b / a:.3f}")
+        print(f"{label:27} {a:8.2f} ms  {b:8.2f} ms  ratio {b / a:.3f}")
 
 
 if __name__ == "__main__":

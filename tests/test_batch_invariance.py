@@ -151,9 +151,10 @@ def _engine(bundle, **kw) -> LLMEngine:
     return LLMEngine(bundle, EngineConfig(**cfg))
 
 
-def _check_invariance(bundle, label: str) -> None:
+def _check_invariance(bundle, label: str, prompts: list[list[int]] | None = None) -> None:
+    """`prompts` (token ids): the first two should share a prefix; default SmolLM2's."""
     single = _engine(bundle, enable_prefix_caching=False, max_num_seqs=1)
-    prompts = _prompts(single.tokenizer)
+    prompts = prompts or _prompts(single.tokenizer)
     alone = {}
     for i, p in enumerate(prompts):
         alone[i] = _run(single, [p], 1)[0]
