@@ -13,7 +13,7 @@ import httpx
 import jsonschema
 import pytest
 
-from tests.test_server import ServerProcess, read_sse
+from tests.test_server import ServerProcess, metric, metric_samples, read_sse
 
 S = {"type": "string", "maxLength": 24}
 SCHEMAS: list[dict] = [
@@ -117,6 +117,11 @@ def test_twenty_schemas_greedy_and_sampled_all_validate(server):
         choice = r["choices"][0]
         assert choice["finish_reason"] == "stop", (schema, choice)
         jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+    # the schemas' keys and brackets were forced, not sampled one decode step at a time
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(server.sock)),
+                      base_url="http://localhost") as c:
+        m = metric_samples(c.get("/metrics").text)
+    assert metric(m, "edgert_constrained_forced_tokens_total") > 40
 
 
 def test_regex_choice_grammar_and_streaming(server):

@@ -15,7 +15,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +55,7 @@ class EngineStats:
     prefill_tokens: int = 0  # prompt tokens actually computed
     draft_tokens: int = 0  # speculative guesses checked
     accepted_tokens: int = 0  # guesses the model confirmed (each one a decode step saved)
+    forced_tokens: int = 0  # tokens a constraint forced, appended without a sampling step
     cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache
     generated_tokens: int = 0
     preemptions: int = 0
@@ -316,7 +317,9 @@ class LLMEngine:
         kept: list[tuple[Sequence, int, TokenLogprob | None]] = []
         ended: dict[int, tuple[Sequence, str]] = {}
         taken: Counter[int] = Counter()
-        for seq, token, lp in sampled:
+        queue = deque((seq, token, lp, False) for seq, token, lp in sampled)
+        while queue:
+            seq, token, lp, was_forced = queue.popleft()
             if seq.seq_id in ended:
                 continue
             taken[seq.seq_id] += 1
@@ -337,6 +340,13 @@ class LLMEngine:
                     stream.end("grammar_dead_end")
                 elif matcher.is_stopped():  # the grammar is complete: nothing may follow
                     stream.end("stop")
+                elif seq.params.logprobs is None and not was_forced:
+                    # Tokens the grammar forces (a schema's keys, closing brackets) are
+                    # outputs at once: the next step computes them as one chunk instead of a
+                    # decode step each. (With logprobs every token needs its own logits.)
+                    forced = matcher.compute_ff_tokens()
+                    queue.extendleft((seq, t, None, True) for t in reversed(forced))
+                    self.stats.forced_tokens += len(forced)
                 if stream.finish_reason is not None:
                     ended[seq.seq_id] = (seq, stream.finish_reason)
         return kept, list(ended.values())

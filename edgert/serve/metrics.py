@@ -197,6 +197,8 @@ class _EngineCollector(Collector):
             ("edgert_spec_decode_accepted_tokens",
              "Speculative tokens the model confirmed (acceptance rate: accepted / draft)",
              stats.accepted_tokens),
+            ("edgert_constrained_forced_tokens", "Tokens a constraint forced, appended "
+             "without a sampling step", stats.forced_tokens),
         ):
             c = CounterMetricFamily(name, doc)
             c.add_metric([], float(value))
