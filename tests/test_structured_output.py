@@ -194,3 +194,20 @@ def test_bad_constraints_are_400_naming_the_problem(server):
         assert r.status_code == 200
         assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
         assert c.get("/ready").status_code == 200
+
+
+def test_a_tokenizer_llguidance_cannot_take_refuses_constraints_only(tmp_path):
+    """A word-level tokenizer (no byte decoder): the engine runs, plain requests work, a
+    constrained one is refused with the reason instead of failing the server."""
+    from edgert.engine.llm_engine import LLMEngine, RequestRejected
+    from edgert.sampling_params import SamplingParams
+    from edgert.serve.guided import grammar_of
+    from tests.tiny_bundles import make_bundle
+
+    engine = LLMEngine(make_bundle(tmp_path, "tiny", seed=1))
+    grammar = grammar_of({"guided_regex": "[a-z]+"}, None)
+    with pytest.raises(RequestRejected, match="cannot be constrained"):
+        engine.add_request([5, 6, 7], SamplingParams(max_tokens=2, grammar=grammar))
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=2))
+    while engine.has_unfinished():
+        engine.step()

@@ -31,6 +31,7 @@ from edgert.core.scheduler import RequestRejected
 from edgert.engine.async_engine import AsyncEngine, EngineDead
 from edgert.engine.llm_engine import LLMEngine
 from edgert.outputs import RequestOutput
+from edgert.sample.grammar import GrammarError
 from edgert.serve.metrics import CONTENT_TYPE, ServerMetrics
 from edgert.serve.openai_protocol import (
     ApiError,
@@ -483,8 +484,11 @@ def _load_engine(bundle: str, config: EngineConfig, warmup: bool) -> LLMEngine:
         shapes = engine.warmup()
         log.info("warmed %d shapes in %.1f s", shapes, time.monotonic() - t1)
         t1 = time.monotonic()
-        engine.grammars.ll_tokenizer  # noqa: B018 - built now, not on the first constrained request
-        log.info("constraint tokenizer built in %.1f s", time.monotonic() - t1)
+        try:  # built now, not on the first constrained request
+            engine.grammars.ll_tokenizer  # noqa: B018
+            log.info("constraint tokenizer built in %.1f s", time.monotonic() - t1)
+        except GrammarError as e:
+            log.warning("%s: requests with a constraint will be refused", e)
     return engine
 
 
