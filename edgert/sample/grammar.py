@@ -43,11 +43,11 @@ class Grammars:
             if self._ll is None and self._unusable is None:
                 import llguidance
 
-                try:
+                try:  # one EOS id: llguidance before 1.7 (what glibc 2.31 boards get) takes no list
                     self._ll = llguidance.LLTokenizer(
                         self._tokenizer_json(), n_vocab=self.vocab_size,
-                        eos_token=self._eos or None)
-                except (ValueError, RuntimeError) as e:
+                        eos_token=self._eos[0] if self._eos else None)
+                except (ValueError, RuntimeError, TypeError) as e:
                     self._unusable = f"this model's tokenizer cannot be constrained ({e})"
             if self._ll is None:
                 raise GrammarError(self._unusable)
