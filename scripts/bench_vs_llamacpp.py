@@ -35,6 +35,10 @@ EXPORTS = {  # bundle flavour -> `edgert export` precision arguments
     "fp32": [],
     "int8": ["--precision", "int8"],
     "int4": ["--precision", "int4", "--group-size", "32", "--asymmetric"],
+    # the same with a float16 KV pool: half the bytes per cached token
+    "int8kv16": ["--precision", "int8", "--kv-dtype", "float16"],
+    "int4kv16": ["--precision", "int4", "--group-size", "32", "--asymmetric",
+                 "--kv-dtype", "float16"],
 }
 
 
@@ -203,7 +207,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--out", default=str(CACHE / "bench_vs_llamacpp"))
     ap.add_argument("--kv-memory", default=None,
-                    help="edgert's --kv-memory (default: its own default, 256MiB)")
+                    help="edgert's --kv-memory (default: room for --kv-tokens)")
+    ap.add_argument("--kv-tokens", type=int, default=None,
+                    help="size each edgert pool to hold this many tokens in its bundle's KV "
+                         "dtype (default: llama.cpp's context, 1024 per slot: equal capacity)")
     ap.add_argument("--context-curve", default="256,1024,4096,8000", metavar="LENGTHS",
                     help="TPOT of one stream after prompts of these lengths, both servers "
                          "(default 256,1024,4096,8000; '' skips it)")
@@ -231,7 +238,17 @@ def main() -> int:
                     "runs": {}}
     port = _free_port()
     np_slots = max(args.concurrency)
-    kv = ["--kv-memory", args.kv_memory] if args.kv_memory else []
+    kv_tokens = args.kv_tokens or 1024 * np_slots
+
+    def kv(bundle: Path) -> list[str]:
+        if args.kv_memory:
+            return ["--kv-memory", args.kv_memory]
+        b = Bundle.load(bundle, verify=False)
+        per_token = b.config.kv_bytes_per_token(2 if b.kv["dtype"] == "float16" else 4)
+        blocks = -(-kv_tokens // int(b.kv["block_size"])) + 1  # + the null block
+        return ["--kv-memory", str(blocks * int(b.kv["block_size"]) * per_token)]
+
+    report["kv_tokens"] = kv_tokens
     if not args.skip_load:
         report["runs"]["llama.cpp"] = run_server(
             [str(server), "-m", str(gguf), "-t", str(args.threads), "-np", str(np_slots),
@@ -241,7 +258,7 @@ def main() -> int:
             sock = Path(tempfile.mkdtemp()) / "edgert.sock"
             report["runs"][name] = run_server(
                 [*EDGERT, "serve", str(bundles[name]), "--socket", str(sock), "--no-verify",
-                 *kv], str(sock), args, corpus, 1024)
+                 *kv(bundles[name])], str(sock), args, corpus, 1024)
             shutil.rmtree(sock.parent, ignore_errors=True)
         print_load(report, names)
     lengths = [int(n) for n in args.context_curve.split(",") if n]
@@ -259,7 +276,8 @@ def main() -> int:
 
 def print_load(report: dict, names: list[str]) -> None:
     peer = report["runs"]["llama.cpp"]
-    print("\nratios edgert / llama.cpp (out tok/s: higher is better; TTFT, TPOT, RSS: lower)")
+    print(f"\nedgert's pools hold {report['kv_tokens']} tokens, as llama.cpp's cache does")
+    print("ratios edgert / llama.cpp (out tok/s: higher is better; TTFT, TPOT, RSS: lower)")
     print(f"{'bundle':8} {'conc':>4} {'out tok/s':>9} {'TTFT p50':>9} {'TPOT p50':>9} "
           f"{'peak RSS':>9}")
     for name in names:
