@@ -321,7 +321,8 @@ class Scheduler:
         of its own, its last token plus up to k guesses, every position's logits returned.
         Guesses are opportunistic: capped so the sequence cannot pass max_tokens or the model
         length, and they only use slots the sequence already holds or blocks nobody else could
-        use this step (no preemption, no waiting request loses a block to a guess)."""
+        use this step (no preemption, no waiting request loses a block to a guess). A miss
+        pauses the sequence's guessing for 2, 4, 8, ... up to 32 decode steps."""
         cfg, alloc, menu = self.config, self.allocator, self.menu
         if not decoders or len(decoders) > cfg.speculative_max_seqs:
             return []
@@ -334,6 +335,9 @@ class Scheduler:
             # a constrained row's guesses would need the grammar's mask at every position
             if (k < 1 or not seq.output_ids or seq.wants_prompt_logprobs
                     or seq.params.grammar is not None):
+                continue
+            if seq.spec_pause > 0:
+                seq.spec_pause -= 1
                 continue
             guess = propose(seq.all_ids, k, cfg.ngram_min, cfg.ngram_max)
             held = len(alloc.block_table(seq.seq_id)) * alloc.block_size - seq.num_tokens
@@ -383,6 +387,9 @@ class Scheduler:
             seq = row.seq
             confirmed = max(kept[seq.seq_id] - 1, 0) if row.draft else 0
             seq.num_computed = row.start + len(row.tokens) - row.draft + confirmed
+            if row.draft:
+                seq.spec_misses = 0 if confirmed else seq.spec_misses + 1
+                seq.spec_pause = 0 if confirmed else min(1 << seq.spec_misses, MAX_SPEC_PAUSE)
             if caching:
                 self.allocator.commit(seq.seq_id, seq.all_ids[: seq.num_computed])
             for child in plan.forks.get(seq.seq_id, ()):
@@ -393,6 +400,7 @@ class Scheduler:
             seq.output_ids.append(token)
 
 
+MAX_SPEC_PAUSE = 32  # decode steps without guessing after repeated misses, at most
 _GOLDEN = 0x9E3779B97F4A7C15
 
 

@@ -32,6 +32,10 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     preemptions: int = 0
+    # Prompt-lookup backoff: decode steps left without guessing, and guesses missed in a row
+    # (each miss doubles the pause, so text that does not repeat stops paying for wide calls).
+    spec_pause: int = 0
+    spec_misses: int = 0
 
     @property
     def all_ids(self) -> list[int]:

@@ -3,7 +3,7 @@
 Parsing rules, chosen so a client never gets silently wrong output:
 - a field of the OpenAI API that edgert implements is type- and range-checked (400 naming it);
 - a field of the OpenAI API that edgert does not implement is a 400 naming it, unless it holds
-  the value that means "off" (tools: [], response_format: {"type": "text"}, ...);
+  the value that means "off" (logit_bias: {}, functions: [], audio: null, ...);
 - OpenAI fields with no effect on the output (user, metadata, store, ...) are accepted;
 - anything else is foreign to the API: ignored and logged once per name, as vLLM does, so
   clients that send their own extras keep working.
