@@ -141,5 +141,5 @@ def test_parsing_and_rendering_rules():
     assert '"name": "next_train"' in msgs[0]["content"]
     assert json.loads(msgs[2]["content"]) == {"name": "get_weather",
                                               "arguments": {"city": "Rome"}}
-    assert msgs[3] == {"role": "user", "content": "Result of function call_1: 18C"}
+    assert msgs[3] == {"role": "user", "content": "Result of function get_weather: 18C"}
     assert native("{% if tools %}{{ tools | tojson }}{% endif %}") and not native("{{ x }}")

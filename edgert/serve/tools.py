@@ -113,12 +113,14 @@ def native_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def fallback_messages(messages: list[dict[str, Any]], tools: Tools | None
                       ) -> list[dict[str, Any]]:
-    """Messages for a template without tool support (module docstring)."""
+    """Messages for a template without tool support (module docstring). A result names the
+    function its call id belongs to (OpenAI's tool messages carry only the id)."""
+    called = {c["id"]: c["function"]["name"] for m in messages for c in m.get("tool_calls", ())}
     out = []
     for m in messages:
         if m["role"] == "tool":
-            out.append({"role": "user", "content": f"Result of function "
-                        f"{m.get('name') or m.get('tool_call_id') or ''}: {m['content']}"})
+            name = m.get("name") or called.get(m.get("tool_call_id", "")) or m.get("tool_call_id")
+            out.append({"role": "user", "content": f"Result of function {name}: {m['content']}"})
         elif m.get("tool_calls"):
             calls = [{"name": c["function"]["name"],
                       "arguments": _loads(c["function"]["arguments"])} for c in m["tool_calls"]]
