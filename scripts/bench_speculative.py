@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 from edgert.config import EngineConfig
 from edgert.engine.llm_engine import LLMEngine
@@ -61,8 +62,8 @@ def main() -> None:
                                   if f" {f}" in flags))
     base = EngineConfig(kv_memory=64 << 20, max_model_len=1024, max_num_seqs=1)
     engines = {"plain": LLMEngine(args.bundle, base),
-               "speculative": LLMEngine(args.bundle, EngineConfig(
-                   **{**base.__dict__, "speculative_tokens": args.k}))}
+               "speculative": LLMEngine(args.bundle,
+                                        replace(base, speculative_tokens=args.k))}
     for e in engines.values():
         e.warmup()
     print(f"{'workload':16} {'plain ms':>9} {'spec ms':>9} {'ratio':>6} {'accepted':>9}")

@@ -238,13 +238,15 @@ def main() -> int:
                     "runs": {}}
     port = _free_port()
     np_slots = max(args.concurrency)
+    from edgert.core.fit_plan import DTYPE_BYTES
+
     kv_tokens = args.kv_tokens or 1024 * np_slots
 
     def kv(bundle: Path) -> list[str]:
         if args.kv_memory:
             return ["--kv-memory", args.kv_memory]
         b = Bundle.load(bundle, verify=False)
-        per_token = b.config.kv_bytes_per_token(2 if b.kv["dtype"] == "float16" else 4)
+        per_token = b.config.kv_bytes_per_token(DTYPE_BYTES[b.kv["dtype"]])
         blocks = -(-kv_tokens // int(b.kv["block_size"])) + 1  # + the null block
         return ["--kv-memory", str(blocks * int(b.kv["block_size"]) * per_token)]
 

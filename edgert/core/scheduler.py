@@ -341,16 +341,18 @@ class Scheduler:
                 continue
             guess = propose(seq.all_ids, k, cfg.ngram_min, cfg.ngram_max)
             held = len(alloc.block_table(seq.seq_id)) * alloc.block_size - seq.num_tokens
-            if len(guess) > held and (self._waiting or alloc.usage().free <= len(self.running)
-                                      or not alloc.ensure_capacity(seq.seq_id,
-                                                                   seq.num_tokens + len(guess))):
-                guess = guess[:held]
+            if len(guess) > held:  # more blocks only if nobody waits and some stay free
+                spare = not self._waiting and alloc.usage().free > len(self.running)
+                if not (spare and alloc.ensure_capacity(seq.seq_id,
+                                                        seq.num_tokens + len(guess))):
+                    guess = guess[:held]
             width = pow2(1 + len(guess))
             shape = menu.prefill_shape(1, width, menu.span(seq.num_computed, width))
             if not guess or not menu.prefill_ok(shape):
                 continue
-            row = replace(self._row(seq, 1), draft=len(guess), logits=tuple(range(1 + len(guess))))
-            row = replace(row, tokens=row.tokens + tuple(guess))
+            last = self._row(seq, 1)
+            row = replace(last, tokens=last.tokens + tuple(guess), draft=len(guess),
+                          logits=tuple(range(1 + len(guess))))
             calls.append(self._call(_Draft([row], width)))
         return [c for c in calls if c is not None]
 
