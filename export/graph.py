@@ -127,8 +127,10 @@ class DecoderGraphBuilder:
         self.float16 = dtype == "float16"
         self.kv_dtype = kv_dtype  # the pools' and new_kv's
         self.kv = DTYPES[kv_dtype]
-        # The LM head's output; a float16 graph then casts it to the float32 logits.
-        self.logits_out = IO.logits if not self.float16 else "logits_float16"
+        # The LM head's output in the activation dtype, and as float32 (a float16 graph casts
+        # one to the other); a logit soft-cap then maps the float32 one to IO.logits.
+        self.logits_f32 = IO.logits if self.cfg.final_logit_softcap is None else "logits_uncapped"
+        self.logits_out = self.logits_f32 if not self.float16 else "logits_float16"
         self.b = _Builder()
         # Operator domains the graph imports; a quantizing subclass adds com.microsoft.
         self.opsets: dict[str, int] = {"": OPSET}
@@ -150,6 +152,19 @@ class DecoderGraphBuilder:
         return self.b.op("Gather", self.b.const(w("model.embed_tokens.weight"),
                                                 "model.embed_tokens.weight", self.np_act),
                          ids, axis=0)
+
+    def scale_embedding(self, x: str) -> str:
+        """Gemma's sqrt(hidden) on the embeddings: a Mul after the lookup rather than folded
+        into the table, because the LM head shares that table."""
+        m = self.cfg.embedding_multiplier
+        return x if m == 1.0 else self.b.op("Mul", x, self.b.const(np.array(m, self.np_act)))
+
+    def softcap(self, x: str, cap: float | None, name: str | None = None) -> str:
+        """cap * tanh(x / cap), Gemma 2's bound on attention scores and logits."""
+        if cap is None:
+            return x
+        c = self.b.const(np.array(cap, np.float32))
+        return self.b.op("Mul", self.b.op("Tanh", self.b.op("Div", x, c)), c, name=name)
 
     def lm_head(self, rows: str) -> str:
         """Final-norm rows [N, hidden] -> logits [N, vocab], output under `logits_out` (a float16
@@ -181,12 +196,18 @@ class DecoderGraphBuilder:
         return b.op("Mul", y, w)
 
     def rope(self, x: str, cos: str, sin: str) -> str:
-        """HF rotate-half RoPE on x [S, T, heads, d] with cos/sin [S, T, 1, d/2]."""
+        """HF rotate-half RoPE on x [S, T, heads, d] with cos/sin [S, T, 1, r/2]: the first r
+        dims rotate (r = d but for a partial rotary factor), the rest pass through."""
         b = self.b
-        x1, x2 = b.op("Split", x, axis=-1, num_outputs=2, outputs=2)
+        r, d = self.cfg.rope_dims, self.cfg.head_dim
+        if r < d:
+            x1, x2, rest = b.op("Split", x, b.const(np.array([r // 2, r // 2, d - r], np.int64)),
+                                axis=-1, outputs=3)
+        else:
+            x1, x2 = b.op("Split", x, axis=-1, num_outputs=2, outputs=2)
         r1 = b.op("Sub", b.op("Mul", x1, cos), b.op("Mul", x2, sin))
         r2 = b.op("Add", b.op("Mul", x2, cos), b.op("Mul", x1, sin))
-        return b.op("Concat", r1, r2, axis=-1)
+        return b.op("Concat", r1, r2, *([rest] if r < d else []), axis=-1)
 
     # ---- the graph -------------------------------------------------------------------------
     def build(self) -> onnx.ModelProto:
@@ -207,7 +228,7 @@ class DecoderGraphBuilder:
                 inputs.append(helper.make_tensor_value_info(
                     pool, self.kv, ["num_blocks", kvh, "block_size", d]))
 
-        x = self.embedding(IO.input_ids)
+        x = self.scale_embedding(self.embedding(IO.input_ids))
 
         cos, sin = self._rope_tables()
         if not cfg.qk_norm:
@@ -225,10 +246,17 @@ class DecoderGraphBuilder:
             p = f"model.layers.{layer}."
             h = self.rms_norm(x, w(p + "input_layernorm.weight"), p + "input_layernorm.weight")
             attn, k_new, v_new = self._attention(layer, h, cos, sin, masks)
+            if cfg.sandwich_norms:
+                attn = self.rms_norm(attn, w(p + "attn_output_norm.weight"),
+                                     p + "attn_output_norm.weight")
             x = b.op("Add", x, attn)
             h = self.rms_norm(x, w(p + "post_attention_layernorm.weight"),
                               p + "post_attention_layernorm.weight")
-            x = b.op("Add", x, self._mlp(layer, h))
+            mlp = self._mlp(layer, h)
+            if cfg.sandwich_norms:
+                mlp = self.rms_norm(mlp, w(p + "mlp_output_norm.weight"),
+                                    p + "mlp_output_norm.weight")
+            x = b.op("Add", x, mlp)
             # [S, T, kvh, d] x2 -> [1, 2, S, T, kvh, d]
             ax01 = b.const(np.array([0, 1], np.int64))
             new_kv.append(b.op("Concat", b.op("Unsqueeze", k_new, ax01),
@@ -242,8 +270,10 @@ class DecoderGraphBuilder:
         rows = b.op("Gather", flat, IO.logits_indices, axis=0)
         rows = self.rms_norm(rows, w("model.norm.weight"), "model.norm.weight")
         head = self.lm_head(rows)
-        if head != IO.logits:  # float16 logits: the sampler reads float32
-            b.op("Cast", head, to=TensorProto.FLOAT, name=IO.logits)
+        if head not in (IO.logits, self.logits_f32):  # float16 logits: the sampler reads float32
+            head = b.op("Cast", head, to=TensorProto.FLOAT, name=self.logits_f32)
+        if head != IO.logits:
+            self.softcap(head, cfg.final_logit_softcap, name=IO.logits)
 
         outputs = [
             helper.make_tensor_value_info(IO.logits, TensorProto.FLOAT, ["N", cfg.vocab_size]),
@@ -269,6 +299,10 @@ class DecoderGraphBuilder:
         freqs = b.op("Mul", pos, b.const(inv_freq, "rope.inv_freq"))  # [S, T, d/2]
         freqs = b.op("Unsqueeze", freqs, b.const(np.array([2], np.int64)))  # [S, T, 1, d/2]
         cos, sin = b.op("Cos", freqs), b.op("Sin", freqs)
+        factor = (self.cfg.rope_scaling or {}).get("attention_factor", 1.0)
+        if factor != 1.0:  # LongRoPE scales the rotation (both q and k)
+            f = b.const(np.array(factor, np.float32))
+            cos, sin = b.op("Mul", cos, f), b.op("Mul", sin, f)
         if self.float16:
             cos, sin = self.cast(cos, self.act), self.cast(sin, self.act)
         return cos, sin
@@ -330,15 +364,25 @@ class DecoderGraphBuilder:
         idx = b.op("Concat", *(b.op("Unsqueeze", x, ax) for x in parts), axis=-1)
         idx = b.op("Cast", idx, to=TensorProto.INT64)  # [S, kvh, T, 4]
         pj = b.op("Range", zero, p_len, one)  # [P]
-        mask = b.op("LessOrEqual", pj, b.op("Unsqueeze", at, ax))  # [S, T, P]
+        at_p = b.op("Unsqueeze", at, ax)  # [S, T, 1]
+        causal = b.op("LessOrEqual", pj, at_p)  # [S, T, P]
+        window = self.cfg.sliding_window
+        if window is not None and self.cfg.sliding_window_layers:
+            # a sliding-window layer's query at p sees keys in (p - window, p]: the same
+            # gathered past and the same sums, fewer keys unmasked
+            recent = b.op("Greater", pj, b.op("Sub", at_p, b.const(np.array(window, np.int32))))
+            self._window_mask = self._stacked_rows(b.op("And", causal, recent))
+        return idx, self._stacked_rows(causal)
+
+    def _stacked_rows(self, mask: str) -> str:
+        """A [S, T, P] key mask -> [S, 1, g*T (+1), P], the rows of the stacked query heads."""
+        b = self.b
         mask = b.op("Unsqueeze", mask, b.const(np.array([1], np.int64)))  # [S, 1, T, P]
         g = self.cfg.group_size
-        if g > 1:  # the rows of the stacked query heads: g blocks of T
-            mask = b.op("Tile", mask, b.const(np.array([1, 1, g, 1], np.int64)))
-        else:  # the zero query row sees key 0, so its softmax stays finite
-            mask = b.op("Concat", mask, b.op("Slice", mask, "i64_zero", "i64_one", "i64_two"),
-                        axis=2)
-        return idx, mask  # [S, 1, g*T (+1), P]
+        if g > 1:  # g blocks of T
+            return b.op("Tile", mask, b.const(np.array([1, 1, g, 1], np.int64)))
+        # the zero query row sees what query 0 sees (at least itself): its softmax stays finite
+        return b.op("Concat", mask, b.op("Slice", mask, "i64_zero", "i64_one", "i64_two"), axis=2)
 
     def _attention(self, layer: int, h: str, cos: str, sin: str,
                    masks: tuple[str, str]) -> tuple[str, str, str]:
@@ -378,7 +422,8 @@ class DecoderGraphBuilder:
         q = b.op("Reshape", q, b.const(np.array([0, 0, kvh, g, d], np.int64)))
         q = b.op("Transpose", q, perm=[0, 2, 3, 1, 4])  # [S, kvh, g, T, d]
         q = b.op("Reshape", q, b.const(np.array([0, 0, -1, d], np.int64)))
-        q = b.op("Mul", q, b.const(np.array(d ** -0.5, self.np_act)))
+        scale = cfg.attention_scale if cfg.attention_scale is not None else d ** -0.5
+        q = b.op("Mul", q, b.const(np.array(scale, self.np_act)))
         if g == 1:
             if layer == 0:
                 for name, val in (("i64_zero", 0), ("i64_one", 1), ("i64_two", 2)):
@@ -418,7 +463,10 @@ class DecoderGraphBuilder:
         qk = b.op("MatMul", q, kp)
         if self.float16:
             qk = self.cast(qk, TensorProto.FLOAT)
-        scores = b.op("Where", self._key_mask, qk, "mask_value")
+        qk = self.softcap(qk, cfg.attn_logit_softcap)
+        windowed = layer in cfg.sliding_window_layers and cfg.sliding_window is not None
+        scores = b.op("Where", self._window_mask if windowed else self._key_mask, qk,
+                      "mask_value")
         probs = b.op("Softmax", scores, axis=-1)  # [S, kvh, g*T, P], one row-wise softmax
         if self.float16:
             probs = self.cast(probs, self.act)
@@ -441,18 +489,25 @@ class DecoderGraphBuilder:
                               p + "gate_up_proj.weight")
         gate, up = b.op("Split", gate_up, b.const(np.array([inter, inter], np.int64)), axis=-1,
                         outputs=2)
-        act = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)  # SiLU(gate) * up
+        if self.cfg.hidden_act == "gelu_tanh":  # GeGLU (Gemma): ONNX's own tanh-approx Gelu
+            act = b.op("Mul", b.op("Gelu", gate, approximate="tanh"), up)
+        else:
+            act = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)  # SiLU(gate) * up
         return self.linear(act, w[p + "down_proj.weight"].T, p + "down_proj.weight")
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     """RoPE inverse frequencies [d/2], float32 arithmetic as transformers' rope init functions."""
-    d = cfg.head_dim
+    d = cfg.rope_dims
     exponent = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)
     inv = (np.float32(1.0) / (np.float32(cfg.rope_theta) ** exponent)).astype(np.float32)
     rs = cfg.rope_scaling or {}
     kind = rs.get("rope_type", rs.get("type", "default"))
-    if kind == "linear":
+    if kind == "longrope":  # the short factors: the loader capped the context where they hold
+        short = np.asarray(rs["short_factor"], np.float32)
+        inv = (np.float32(1.0) / (short * np.float32(cfg.rope_theta) ** exponent)).astype(
+            np.float32)
+    elif kind == "linear":
         inv = (inv / np.float32(rs["factor"])).astype(np.float32)
     elif kind == "llama3":
         factor = float(rs["factor"])
@@ -466,7 +521,8 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         inv = np.where(medium, smoothed, scaled).astype(np.float32)
     elif kind != "default":
-        raise ValueError(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
+        raise ValueError(f"rope scaling type {kind!r} is not supported "
+                         "(default, linear, llama3, longrope)")
     return inv
 
 

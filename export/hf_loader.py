@@ -5,12 +5,18 @@ Everything is read without torch or transformers (safetensors' numpy view, plain
 the export extra must not need them. Anything the graph would silently compute wrongly (sliding
 windows, unknown RoPE scalings, extra biases, quantized checkpoints) is refused up front with a
 message that names the feature, instead of producing a bundle that generates garbage.
+
+Architectures beyond Llama's are mapped onto Llama's tensor names here, so the graph builder has
+one vocabulary: Phi-3's fused qkv_proj / gate_up_proj are split, Gemma 2's four norms become
+input / attn_output / post_attention (the MLP's input, as in Llama) / mlp_output norms, and its
+(1 + w) norm weights are stored as the sum.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +40,21 @@ ARCHITECTURES: dict[str, str] = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",
+    "Gemma2ForCausalLM": "gemma2",
 }
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+# config.json's activation name -> ModelConfig.hidden_act
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+# transformers writes only what differs from a config class's defaults: these are the defaults
+# of the keys the graph reads, for the architectures whose defaults are not Llama's
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma2": {"tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh",
+               "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+               "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
+               "rms_norm_eps": 1e-6},
+    "phi3": {"original_max_position_embeddings": 4096, "rms_norm_eps": 1e-5},
+}
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # In checkpoints but not in the graph: RoPE frequencies are recomputed from the config.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -51,6 +70,9 @@ def rope_scaling_config(rope_type: str | None, params: Mapping[str, Any]) -> dic
         return None
     if rope_type == "linear":
         return {"rope_type": "linear", "factor": float(_required(params, "factor", rope_type))}
+    if rope_type == "longrope":
+        return {"rope_type": "longrope",
+                "short_factor": [float(f) for f in _required(params, "short_factor", rope_type)]}
     if rope_type == "llama3":
         out: dict[str, Any] = {"rope_type": "llama3"}
         for key in _LLAMA3_KEYS:
@@ -91,6 +113,8 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "mlp.up_proj.weight": (config.intermediate_size, h),
             p + "mlp.down_proj.weight": (h, config.intermediate_size),
         }
+        if config.sandwich_norms:
+            shapes |= {p + "attn_output_norm.weight": (h,), p + "mlp_output_norm.weight": (h,)}
         if config.attention_bias:
             shapes |= {
                 p + "self_attn.q_proj.bias": (q,),
@@ -178,15 +202,21 @@ def hf_model_config(cfg: Mapping[str, Any], source: str = "config.json") -> Mode
     arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
     if arch is None:
         raise UnsupportedModelError(
-            f"{source}: architectures {archs} not supported (supported: {', '.join(ARCHITECTURES)})"
+            f"{source}: architectures {archs} have no native paged graph builder (it knows "
+            f"{', '.join(ARCHITECTURES)}); export it through optimum's dense-KV graph instead "
+            "with `edgert export SRC --via optimum`, which runs any decoder optimum exports at "
+            "the cost of a dense copy of the past every step"
         )
+    cfg = {**_DEFAULTS.get(arch, {}), **cfg}
     if cfg.get("quantization_config"):
         method = cfg["quantization_config"].get("quant_method", "?")
         raise UnsupportedModelError(
             f"{source}: pre-quantized checkpoints ({method}) are not supported; use the float one"
         )
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise UnsupportedModelError(f"{source}: hidden_act {cfg['hidden_act']!r} is not silu")
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+    if act not in ACTIVATIONS:
+        raise UnsupportedModelError(
+            f"{source}: activation {act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
     if cfg.get("mlp_bias"):
         raise UnsupportedModelError(f"{source}: MLP biases (mlp_bias) are not supported")
     if arch in ("llama", "mistral", "qwen3") and cfg.get("attention_bias"):
@@ -202,18 +232,37 @@ def hf_model_config(cfg: Mapping[str, Any], source: str = "config.json") -> Mode
 def _model_config(cfg: Mapping[str, Any], arch: str, source: str) -> ModelConfig:
     heads = int(cfg["num_attention_heads"])
     max_pos = int(cfg["max_position_embeddings"])
-    _refuse_sliding_window(cfg, arch, max_pos, source)
-
+    layers = int(cfg["num_hidden_layers"])
+    head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
     theta, rope_type, rope_params = _rope(cfg, source)
+    rope_scaling = rope_scaling_config(rope_type, rope_params)
+    if rope_type == "longrope":
+        # transformers switches the whole batch to the long factors once any position passes
+        # the pretraining context (and keeps the keys cached under the short ones): no paged
+        # graph can be batch-invariant that way. The bundle keeps to the short factors and to
+        # that context, where the two agree exactly.
+        original = int(rope_params.get("original_max_position_embeddings")
+                       or cfg["original_max_position_embeddings"])
+        factor = float(rope_params.get("factor") or max_pos / original)
+        assert rope_scaling is not None
+        rope_scaling["attention_factor"] = float(
+            rope_params.get("attention_factor")
+            or (1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))))
+        max_pos = min(max_pos, original)
+    window, windowed = _sliding_window(cfg, arch, max_pos, layers, source)
+    partial = float(rope_params.get("partial_rotary_factor")
+                    or cfg.get("partial_rotary_factor") or 1.0)
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+    gemma2 = arch == "gemma2"
     return ModelConfig(
         architecture=arch,
         vocab_size=int(cfg["vocab_size"]),
         hidden_size=int(cfg["hidden_size"]),
         intermediate_size=int(cfg["intermediate_size"]),
-        num_layers=int(cfg["num_hidden_layers"]),
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+        head_dim=head_dim,
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         max_position_embeddings=max_pos,
@@ -221,22 +270,47 @@ def _model_config(cfg: Mapping[str, Any], arch: str, source: str) -> ModelConfig
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=arch == "qwen2",
         qk_norm=arch == "qwen3",
-        rope_scaling=rope_scaling_config(rope_type, rope_params),
+        rope_scaling=rope_scaling,
+        hidden_act=ACTIVATIONS[act],
+        rotary_dim=None if partial == 1.0 else int(head_dim * partial),
+        embedding_multiplier=float(np.float32(cfg["hidden_size"] ** 0.5)) if gemma2 else 1.0,
+        sandwich_norms=gemma2,
+        attention_scale=float(cfg["query_pre_attn_scalar"]) ** -0.5 if gemma2 else None,
+        attn_logit_softcap=_float_or_none(cfg.get("attn_logit_softcapping")) if gemma2 else None,
+        final_logit_softcap=_float_or_none(cfg.get("final_logit_softcapping")),
+        sliding_window=window,
+        sliding_window_layers=windowed,
     )
 
 
-def _refuse_sliding_window(cfg: Mapping[str, Any], arch: str, max_pos: int, source: str) -> None:
-    """The graph attends to the whole past; a window shorter than the context changes outputs."""
-    layer_types = cfg.get("layer_types") or []
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _sliding_window(cfg: Mapping[str, Any], arch: str, max_pos: int, layers: int,
+                    source: str) -> tuple[int | None, tuple[int, ...]]:
+    """(window, the layers it applies to), as transformers decides it: a config's layer_types
+    when present (transformers 5 writes them), else the architecture's rule. A window that
+    covers the whole context masks nothing and is dropped."""
     window = cfg.get("sliding_window")
-    # Qwen configs carry a `sliding_window` value but only apply it when use_sliding_window is on.
-    used = bool(cfg.get("use_sliding_window")) if arch in ("qwen2", "qwen3") else True
-    too_short = window is not None and int(window) < max_pos
-    if (used and too_short) or any(t != "full_attention" for t in layer_types):
-        raise UnsupportedModelError(
-            f"{source}: sliding-window attention (sliding_window={window}, "
-            f"max_position_embeddings={max_pos}) is not supported yet"
-        )
+    layer_types = cfg.get("layer_types")
+    if layer_types:
+        odd = sorted({t for t in layer_types} - {"full_attention", "sliding_attention"})
+        if odd:
+            raise UnsupportedModelError(f"{source}: attention layer types {odd} not supported")
+        windowed = [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
+    elif arch == "gemma2":  # alternate layers, the first one sliding
+        windowed = list(range(0, layers, 2))
+    elif arch in ("qwen2", "qwen3"):  # only with use_sliding_window, from max_window_layers on
+        start = int(cfg.get("max_window_layers") or 0)
+        windowed = list(range(start, layers)) if cfg.get("use_sliding_window") else []
+    elif arch in ("mistral", "phi3"):
+        windowed = list(range(layers))
+    else:
+        windowed = []
+    if window is None or int(window) >= max_pos or not windowed:
+        return None, ()
+    return int(window), tuple(windowed)
 
 
 def _rope(cfg: Mapping[str, Any], source: str) -> tuple[float, str | None, Mapping[str, Any]]:
@@ -273,17 +347,19 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 
 def _load_weights(files: Iterable[Path], config: ModelConfig, source: str) -> dict[str, np.ndarray]:
-    """Read only the tensors the graph uses, as float32; refuse tensors we do not know, because
-    an unknown one (an extra bias, a different norm) means the graph would compute the wrong
-    function."""
+    """Read only the tensors the graph uses, as float32 under Llama's names; refuse tensors we
+    do not know, because an unknown one (an extra bias, a different norm) means the graph would
+    compute the wrong function."""
     wanted = expected_shapes(config)
     weights: dict[str, np.ndarray] = {}
     unknown: list[str] = []
     for file in files:
         with safe_open(str(file), framework="numpy") as f:
             for name in f.keys():  # noqa: SIM118  (safe_open is not a Mapping)
-                if name in wanted:
-                    weights[name] = np.asarray(f.get_tensor(name), dtype=np.float32)
+                parts = [(ours, cut) for ours, cut in _as_llama(config, name) if ours in wanted]
+                if parts:
+                    tensor = np.asarray(f.get_tensor(name), dtype=np.float32)
+                    weights |= {ours: cut(tensor) for ours, cut in parts}
                 elif not (
                     name.endswith(_IGNORED_SUFFIXES)
                     or (name == "lm_head.weight" and config.tie_word_embeddings)
@@ -296,6 +372,33 @@ def _load_weights(files: Iterable[Path], config: ModelConfig, source: str) -> di
         )
     check_weights(config, weights, source)
     return weights
+
+
+_Part = Callable[[np.ndarray], np.ndarray]
+_GEMMA2_NORMS = {"post_attention_layernorm": "attn_output_norm",
+                 "pre_feedforward_layernorm": "post_attention_layernorm",
+                 "post_feedforward_layernorm": "mlp_output_norm"}
+
+
+def _as_llama(config: ModelConfig, name: str) -> list[tuple[str, _Part]]:
+    """The Llama-named tensors one HF tensor becomes, each with how to cut it out."""
+    whole: _Part = lambda t: t  # noqa: E731
+    head, _, leaf = name.rpartition(".")
+    head, _, module = head.rpartition(".")
+    if config.architecture == "phi3" and module == "qkv_proj" and leaf == "weight":
+        q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        return [(f"{head}.q_proj.weight", lambda t: t[:q]),
+                (f"{head}.k_proj.weight", lambda t: t[q:q + kv]),
+                (f"{head}.v_proj.weight", lambda t: t[q + kv:])]
+    if config.architecture == "phi3" and module == "gate_up_proj" and leaf == "weight":
+        n = config.intermediate_size  # gate first, as Phi3MLP's chunk(2)
+        return [(f"{head}.gate_proj.weight", lambda t: t[:n]),
+                (f"{head}.up_proj.weight", lambda t: t[n:])]
+    if config.architecture == "gemma2" and module.endswith("norm") and leaf == "weight":
+        ours = f"{head}.{_GEMMA2_NORMS.get(module, module)}.weight".lstrip(".")
+        # Gemma's norm multiplies by (1 + w) in float32: the same sum, once, at export
+        return [(ours, lambda t: (np.float32(1.0) + t).astype(np.float32))]
+    return [(name, whole)]
 
 
 def _chat_template(path: Path, tok_cfg: Mapping[str, Any]) -> str | None:

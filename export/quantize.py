@@ -36,7 +36,7 @@ from export.calibration import LM_HEAD, CalibConfig, Calibration, calibrate
 from export.checkpoint import Checkpoint
 from export.gates import quality_gate
 from export.gptq import gptq
-from export.graph import IO, OPSET, DecoderGraphBuilder
+from export.graph import OPSET, DecoderGraphBuilder
 from export.quant_formats import SCALE_FLOOR, Grid, QuantizedWeight, choose_block, rtn
 from export.quant_graph import QuantOps
 
@@ -297,7 +297,7 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
             # float32 asked inside a float16 graph (only the LM head can be): float32 compute
             self.layers[name]["op"] = "Cast+MatMul"
             y = b.op("MatMul", self.cast(x, onnx.TensorProto.FLOAT), wc,
-                     name=IO.logits if out == self.logits_out else None)
+                     name=self.logits_f32 if out == self.logits_out else None)
             return y if out == self.logits_out else self.cast(y, self.act)
         if precision == "fp16":
             self.layers[name] = {"precision": "fp16", "op": "MatMul", "weight_dtype": "float16"}
@@ -440,7 +440,7 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
                 self.layers[LM_HEAD] = {"precision": "fp32", "op": "Cast+Gemm", "tied": True,
                                         "shares": EMBED}
                 return self.b.op("Gemm", self.cast(rows, onnx.TensorProto.FLOAT), EMBED,
-                                 transB=1, name=IO.logits)
+                                 transB=1, name=self.logits_f32)
         if tied and prec == "fp16" and self.q.embedding_precision == "fp16":
             self.layers[LM_HEAD] = {"precision": "fp16", "op": "Gemm", "tied": True,
                                     "shares": EMBED, "weight_dtype": "float16"}

@@ -117,11 +117,15 @@ def _tiny_mistral(path: Path, sliding_window: int | None) -> Path:
     return path
 
 
-def test_hf_mistral_sliding_window_refused(tmp_path: Path) -> None:
-    with pytest.raises(UnsupportedModelError, match="sliding"):
-        load_hf_checkpoint(_tiny_mistral(tmp_path / "swa", sliding_window=16))
+def test_hf_mistral_sliding_window(tmp_path: Path) -> None:
+    """A window shorter than the context applies to every layer; one that covers the whole
+    context masks nothing and is dropped (tests/test_architectures.py runs the window)."""
+    cfg = load_hf_checkpoint(_tiny_mistral(tmp_path / "swa", sliding_window=16)).config
+    assert (cfg.sliding_window, cfg.sliding_window_layers) == (16, (0, 1))
+    cfg = load_hf_checkpoint(_tiny_mistral(tmp_path / "wide", sliding_window=128)).config
+    assert (cfg.sliding_window, cfg.sliding_window_layers) == (None, ())
     ckpt = load_hf_checkpoint(_tiny_mistral(tmp_path / "full", sliding_window=None))
-    assert ckpt.config.architecture == "mistral"
+    assert ckpt.config.architecture == "mistral" and ckpt.config.sliding_window is None
 
 
 LLAMA3_ROPE = {

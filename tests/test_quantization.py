@@ -248,7 +248,8 @@ def _dequantized_checkpoint(ckpt: Checkpoint, weights: dict, fp16_dq: bool) -> C
 def tiny_ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("tinyq")
     out = {}
-    for arch, tie in (("llama", True), ("qwen2", False)):
+    for arch, tie in (("llama", True), ("qwen2", False), ("gemma2", True),
+                      ("phi3-partial", False)):
         _, path = make_tiny(arch, root / arch, tie=tie)
         out[arch] = load_source(path)
     calib = root / "calib.txt"
@@ -276,7 +277,7 @@ WEIGHT_ONLY = [
 ]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "phi3-partial"])
 @pytest.mark.parametrize("label,kw", WEIGHT_ONLY, ids=[c[0] for c in WEIGHT_ONLY])
 def test_weight_only_graph_equals_its_dequantized_weights(arch, label, kw, tiny_ckpts,
                                                           tmp_path):
@@ -534,9 +535,12 @@ FLAVOUR_TOP1 = 0.95
 
 def test_flavours_agree_on_a_tiny_model(tiny_ckpts, tmp_path):
     """Same codes (group 16 divides both widths, so both flavours get the same blocks), two
-    operator sets: logits agree to the float16 rounding of the portable graph (0.5% of max
-    |logit|). Measured: 1.45e-2 (0.17%) when its activations were float32 and only its
-    DequantizeLinear outputs float16, 2.5e-2 (0.30%) with float16 activations."""
+    operator sets: logits agree to the float16 rounding of the portable graph's activations.
+    Measured over 12 random id sequences (Zen 4): 0.36% to 0.89% of max |logit| (it read
+    0.30% on one sequence, the bound was once 0.5% and held only for the sequence the module's
+    shared generator happened to give); a wrong code, scale or block layout is tens of percent.
+    The ids come from this test's own generator, so the answer does not depend on which tests
+    ran before it."""
     ckpts, calib = tiny_ckpts
     ckpt = ckpts["qwen2"]
     common = dict(precision="int4", embedding="fp32", accuracy_level=0, group_size=16,
@@ -547,12 +551,12 @@ def test_flavours_agree_on_a_tiny_model(tiny_ckpts, tmp_path):
         qcfg = QuantConfig(**common, flavour=flavour)
         out[flavour] = Bundle.load(write_bundle(ckpt, tmp_path / flavour, progress=False,
                                                 quant=qcfg, calibration=cal))
-    ids = [int(t) for t in RNG.integers(0, VOCAB, size=30)]
+    ids = [int(t) for t in np.random.default_rng(4).integers(0, VOCAB, size=30)]
     a, b = _logits(out["cpu"], ids), _logits(out["portable"], ids)
     diff = float(np.abs(a - b).max())
     print(f"cpu vs portable: max |logit diff| {diff:.2e} "
           f"({diff / float(np.abs(a).max()):.2%} of max |logit|)")
-    assert diff <= 5e-3 * float(np.abs(a).max())
+    assert diff <= 1.5e-2 * float(np.abs(a).max())
 
 def test_export_cli_prints_the_summary_and_applies_the_gate(tiny_ckpts, tmp_path):
     """`edgert export --precision int4`: the eval summary is printed; a bundle beyond its gate
