@@ -211,3 +211,52 @@ def test_a_tokenizer_llguidance_cannot_take_refuses_constraints_only(tmp_path):
     engine.add_request([5, 6, 7], SamplingParams(max_tokens=2))
     while engine.has_unfinished():
         engine.step()
+
+
+def test_a_grammar_the_vocabulary_cannot_spell_dead_ends_clearly(tmp_path):
+    """A byte-level BPE tokenizer trained on lowercase text has no token for "Q" (no byte
+    fallback): a regex that needs one can never be completed. The request finishes at once
+    with finish_reason "grammar_dead_end" and no tokens (not a hang, not an empty "stop"),
+    while a neighbour constrained to something spellable, and a plain one, carry on."""
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from edgert.bundle import Bundle
+    from edgert.engine.llm_engine import LLMEngine
+    from edgert.sampling_params import SamplingParams
+    from edgert.serve.guided import grammar_of
+    from export.bundle_writer import write_bundle
+    from export.pipeline import load_source
+    from tests.tiny_models import VOCAB, make_tiny
+
+    _, ckpt = make_tiny("llama", tmp_path / "hf")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = re.sub(r"[^a-z ]+", " ", " ".join(topics.values()).lower())
+    tok.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=VOCAB, initial_alphabet=[], special_tokens=["<s>", "</s>"],
+        show_progress=False))
+    assert tok.get_vocab_size() <= VOCAB and tok.token_to_id("Q") is None
+    tok.save(str(ckpt / "tokenizer.json"))
+    bundle = Bundle.load(write_bundle(load_source(ckpt), tmp_path / "b", progress=False))
+    engine = LLMEngine(bundle)
+    prompt = tok.encode("the cat").ids
+    rids = {engine.add_request(prompt, SamplingParams(max_tokens=8, grammar=grammar_of(
+                {"guided_regex": g}, None))): g for g in ("Q+", "[a-z]{3}")}
+    rids[engine.add_request(prompt, SamplingParams(max_tokens=4))] = "plain"
+    done, tokens = {}, {g: [] for g in rids.values()}
+    for _ in range(50):
+        for out in engine.step():
+            tokens[rids[out.request_id]] += out.token_ids  # deltas
+            if out.finished:
+                done[rids[out.request_id]] = out.finish_reason
+        if not engine.has_unfinished():
+            break
+    assert not engine.has_unfinished(), "a dead-ended grammar must not hang the engine"
+    assert done["Q+"] == "grammar_dead_end" and not tokens["Q+"]
+    assert done["[a-z]{3}"] == "stop"
+    assert re.fullmatch("[a-z]{3}", tok.decode(tokens["[a-z]{3}"]))
+    assert done["plain"] == "length" and len(tokens["plain"]) == 4
+    assert engine.pool_usage().used == 0

@@ -280,8 +280,9 @@ class LLMEngine:
     def _allowed(self, seqs: list[Sequence]) -> tuple[dict[int, np.ndarray],
                                                       dict[Sequence, str]]:
         """The next-token masks of the constrained sequences (unconstrained ones cost nothing),
-        and the constrained ones whose grammar allows no token at all: they finish ("stop" when
-        the grammar was complete, else "grammar_dead_end"), never hang."""
+        and the constrained ones whose grammar allows no token at all, or that llguidance found
+        can never be completed (its error state, which still offers EOS): they finish ("stop"
+        when the grammar was complete, else "grammar_dead_end"), never hang."""
         found = []
         for s in seqs:
             m = self._requests[s.request_id].matchers.get(s.index)
@@ -292,10 +293,10 @@ class LLMEngine:
         masks = self.grammars.allowed([m for _, m in found])
         allowed, dead = {}, {}
         for (s, m), row in zip(found, masks):
-            if row.any():
+            if row.any() and not m.is_error():
                 allowed[s.seq_id] = row
             else:
-                dead[s] = "stop" if m.is_accepting() else "grammar_dead_end"
+                dead[s] = "stop" if m.is_accepting() and not m.is_error() else "grammar_dead_end"
                 self._requests[s.request_id].streams[s.index].end(dead[s])
         return allowed, dead
 

@@ -11,6 +11,7 @@ per constrained row and masks only those rows, so an unconstrained request pays 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,8 @@ class GrammarError(ValueError):
 
 
 class Grammars:
+    CACHED = 64  # compiled grammars kept (least recently used dropped)
+
     def __init__(self, tokenizer_json: Callable[[], str], eos_token_ids: list[int],
                  vocab_size: int):
         self._tokenizer_json = tokenizer_json  # called once, when first needed
@@ -33,6 +36,7 @@ class Grammars:
         self._ll: llguidance.LLTokenizer | None = None
         self._unusable: str | None = None  # why llguidance cannot take this tokenizer
         self._lock = threading.Lock()
+        self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
 
     @property
     def ll_tokenizer(self) -> llguidance.LLTokenizer:
@@ -55,19 +59,31 @@ class Grammars:
 
     def check(self, grammar: str) -> None:
         """Raise GrammarError naming why `grammar` cannot constrain this model."""
-        import llguidance
-
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
-            grammar, self.ll_tokenizer)
-        if is_error:
-            raise GrammarError(messages[0] if messages else "invalid grammar")
+        self._prototype(grammar)
 
     def matcher(self, grammar: str) -> llguidance.LLMatcher:
+        """A fresh matcher: a copy of the grammar's compiled prototype (1 us instead of the
+        0.5 ms a compile of a JSON schema takes here, and edge clients send one schema over
+        and over)."""
+        return self._prototype(grammar).deep_copy()
+
+    def _prototype(self, grammar: str) -> llguidance.LLMatcher:
+        """The grammar compiled once: the server's check, the engine's validation and every
+        matcher share it (before, each of the three compiled it)."""
+        with self._lock:
+            m = self._compiled.get(grammar)
+            if m is not None:
+                self._compiled.move_to_end(grammar)
+                return m
         import llguidance
 
         m = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
         if m.is_error():
-            raise GrammarError(m.get_error())
+            raise GrammarError(m.get_error() or "invalid grammar")
+        with self._lock:
+            self._compiled[grammar] = m
+            while len(self._compiled) > self.CACHED:
+                self._compiled.popitem(last=False)
         return m
 
     def allowed(self, matchers: list[llguidance.LLMatcher]) -> np.ndarray:

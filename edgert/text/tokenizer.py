@@ -1,8 +1,10 @@
 """The bundle's tokenizer (HF `tokenizers`) and chat template (jinja2, rendered the way
-transformers renders it: sandboxed, trim_blocks/lstrip_blocks, `raise_exception` available)."""
+transformers renders it: sandboxed, trim_blocks/lstrip_blocks, `raise_exception` and
+`strftime_now` available; Llama 3.2's template dates its system prompt with the latter)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 from functools import cached_property
 from typing import Any
@@ -20,6 +22,10 @@ class ChatTemplateError(ValueError):
 
 def _raise(message: str) -> None:
     raise ChatTemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.datetime.now().strftime(fmt)
 
 
 class Tokenizer:
@@ -67,6 +73,7 @@ class Tokenizer:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = _strftime_now
         env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
         return env.from_string(self.chat_template)
 
