@@ -1,10 +1,12 @@
 """Board gauges come from sysfs and only from sysfs: a Jetson-shaped tree gives temperatures,
-rail power and GPU load; a machine without those nodes gets no such gauge, never a zero."""
+rail power, GPU load and the EMC clock and load; a machine without those nodes gets no such
+gauge, never a zero."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgert.serve.board_sensors import temperatures
@@ -50,6 +52,22 @@ def test_a_jetson_tree(tmp_path):
     assert abs(m[("edgert_board_power_watts", (("rail", "VDD_SOC"),))] - 2.39616) < 1e-9
     assert sum(1 for k in m if k[0] == "edgert_board_power_watts") == 3
     assert m[("edgert_board_gpu_load_ratio", ())] == 0.372
+    assert not any(k[0].startswith("edgert_board_emc") for k in m)  # no EMC nodes laid out
+
+
+@pytest.mark.parametrize(("rate", "activity"), [
+    ("kernel/debug/bpmp/debug/clk/emc/rate", "kernel/debug/cactmon/mc_all"),  # Orin, root
+    ("class/devfreq/bwmgr/cur_freq", "kernel/debug/bpmp/debug/actmon/mc_all_avg_activity"),
+    ("kernel/debug/clk/override.emc/clk_rate", "kernel/actmon_avg_activity/mc_all"),
+])
+def test_emc_clock_and_load(tmp_path, rate, activity):
+    _write(tmp_path, rate, "2133000000")
+    m = _samples(ServerMetrics(lambda: None, sysfs=tmp_path))
+    assert m[("edgert_board_emc_frequency_hertz", ())] == 2.133e9
+    assert ("edgert_board_emc_load_percent", ()) not in m  # activity unreadable: no load
+    _write(tmp_path, activity, str(2133000 * 37))  # 37 % of the clock's kHz
+    m = _samples(ServerMetrics(lambda: None, sysfs=tmp_path))
+    assert m[("edgert_board_emc_load_percent", ())] == pytest.approx(37.0)
 
 
 def test_nothing_invented(tmp_path):

@@ -9,7 +9,14 @@ never a zero. Paths are relative to `root` so tests can lay out a board's tree.
 - power rails: hwmon devices named `ina3221` (Jetson's power monitor),
   `in<N>_label`, `in<N>_input` (mV) and `curr<N>_input` (mA);
 - GPU load: the Tegra GPU's `load` node (per mille of busy time), under `devices/platform/`
-  (`gpu.0` on JetPack 5, `bus@0/17000000.gpu` on Orin with JetPack 6) or `devices/gpu.0`.
+  (`gpu.0` on JetPack 5, `bus@0/17000000.gpu` on Orin with JetPack 6) or `devices/gpu.0`;
+- EMC (the DRAM controller, which decode on a Jetson saturates before the GPU): its clock
+  (`kernel/debug/bpmp/debug/clk/emc/rate` on Orin, `class/devfreq/bwmgr/cur_freq` on Thor,
+  `kernel/debug/clk/override.emc/clk_rate` before Orin; Hz) and its load, the activity monitor's
+  average (`kernel/debug/cactmon/mc_all`, `kernel/debug/bpmp/debug/actmon/mc_all_avg_activity`
+  or `kernel/actmon_avg_activity/mc_all`) over the clock in kHz, a percent: the convention
+  jetson-stats (jtop) reports. Most of these live in debugfs, readable by root only: a service
+  running as its own user gets the clock where sysfs has it and no load gauge, never a guess.
 """
 
 from __future__ import annotations
@@ -22,6 +29,10 @@ from prometheus_client.registry import Collector
 
 GPU_LOAD_GLOBS = ("devices/platform/gpu.0/load", "devices/platform/bus@0/*.gpu/load",
                   "devices/gpu.0/load")
+EMC_RATES = ("kernel/debug/bpmp/debug/clk/emc/rate", "class/devfreq/bwmgr/cur_freq",
+             "kernel/debug/clk/override.emc/clk_rate")
+EMC_ACTIVITY = ("kernel/debug/cactmon/mc_all", "kernel/debug/bpmp/debug/actmon/mc_all_avg_activity",
+                "kernel/actmon_avg_activity/mc_all")
 
 
 def _read(path: Path) -> str | None:
@@ -75,6 +86,23 @@ def gpu_load(root: Path) -> float | None:
     return None
 
 
+def _first(root: Path, paths: Iterable[str]) -> float | None:
+    for path in paths:
+        value = _number(root / path)
+        if value is not None:
+            return value
+    return None
+
+
+def emc(root: Path) -> tuple[float | None, float | None]:
+    """(EMC clock in Hz, EMC load in percent), each None where the board does not show it."""
+    rate = _first(root, EMC_RATES)
+    activity = _first(root, EMC_ACTIVITY)
+    if rate is None or rate <= 0 or activity is None:
+        return rate if rate and rate > 0 else None, None
+    return rate, activity / (rate / 1000.0)
+
+
 class BoardSensors(Collector):
     def __init__(self, root: Path = Path("/sys")):
         self.root = root
@@ -99,3 +127,12 @@ class BoardSensors(Collector):
         if load is not None:
             yield GaugeMetricFamily("edgert_board_gpu_load_ratio",
                                     "Fraction of time the Tegra GPU was busy (sysfs)", value=load)
+        rate, emc_load = emc(self.root)
+        if rate is not None:
+            yield GaugeMetricFamily("edgert_board_emc_frequency_hertz",
+                                    "DRAM controller (EMC) clock", value=rate)
+        if emc_load is not None:
+            yield GaugeMetricFamily("edgert_board_emc_load_percent",
+                                    "DRAM controller (EMC) load: activity monitor average over "
+                                    "the clock in kHz, as jetson-stats reports it",
+                                    value=emc_load)
