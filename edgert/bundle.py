@@ -16,6 +16,8 @@ from edgert.model_config import ModelConfig
 FORMAT = "edgert-bundle"
 FORMAT_VERSION = 2  # 2: pools [num_blocks, kv_heads, block_size, head_dim]; tables cover new tokens
 MANIFEST = "manifest.json"
+PAGED = "paged"  # graph.convention of native bundles (absent from older manifests)
+DENSE_PAST = "dense-past"  # optimum's past_key_values graphs (runner/dense_backend.py)
 
 
 class BundleError(ValueError):
@@ -42,6 +44,21 @@ class Bundle:
     @property
     def graph(self) -> dict[str, Any]:
         return self.manifest["graph"]
+
+    @property
+    def convention(self) -> str:
+        """How the graph takes its KV cache: "paged" (the native graph, DESIGN.md) or
+        "dense-past" (an optimum export, run by runner/dense_backend.py on the same pool)."""
+        return str(self.graph.get("convention", PAGED))
+
+    def require_paged(self, what: str) -> None:
+        """Refuse a dense-past bundle where only the paged-KV graph can work."""
+        if self.convention != PAGED:
+            raise BundleError(
+                f"{self.path}: {what} needs a paged-KV graph; this bundle's graph takes a "
+                f"{self.convention} KV cache (exported --via optimum) and runs only on the CPU "
+                "provider through the dense adapter (re-export --via native where the "
+                "architecture has a native builder)")
 
     @property
     def model_path(self) -> Path:

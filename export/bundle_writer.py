@@ -44,11 +44,8 @@ def write_bundle(ckpt: Checkpoint, out: Path, *, block_size: int = 16, progress:
     """`quant` None (or plain fp32) writes the float graph; otherwise export/quantize.py builds
     it, calibrating first unless `calibration` is given (several exports can share one)."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
     cfg = ckpt.config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = staging_dir(out, overwrite)
     try:
         meta: dict[str, Any] = {"precision": "fp32", "flavour": "portable", "domains": [""],
                                 "quantization": None, "calibration": None, "ort": {},
@@ -73,16 +70,7 @@ def write_bundle(ckpt: Checkpoint, out: Path, *, block_size: int = 16, progress:
                             all_tensors_to_one_file=True, location=DATA_FILE,
                             size_threshold=1024)
             bar.update()
-        (tmp / TOKENIZER_FILE).write_text(ckpt.tokenizer_json, encoding="utf-8")
-        files = {}
-        for f in sorted(p.name for p in tmp.iterdir()):
-            files[f] = {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)}
         manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "name": name or out.name,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "edgert_version": __version__,
             "config": cfg.to_dict(),
             "graph": {"file": MODEL_FILE, "opset": OPSET, "domains": meta["domains"],
                       "flavour": meta["flavour"], "activation_dtype": meta["dtype"],
@@ -94,28 +82,63 @@ def write_bundle(ckpt: Checkpoint, out: Path, *, block_size: int = 16, progress:
             "quantization": meta["quantization"],
             "calibration": meta["calibration"],
             "kv": {
-                "layout": ["num_blocks", "kv_heads", "block_size", "head_dim"],
-                # the pools' and new_kv's dtype: the activations', or float16 under float32 ones
-                "dtype": meta["kv_dtype"],
-                "block_size": block_size,
-                "null_block": 0,
+                **pool_manifest(meta["kv_dtype"], block_size),
                 "new_kv_layout": ["layers", 2, "S", "T", "kv_heads", "head_dim"],
             },
-            "tokenizer": {
-                "file": TOKENIZER_FILE,
-                "bos_token_id": ckpt.bos_token_id,
-                "eos_token_ids": list(ckpt.eos_token_ids),
-                "add_bos_token": ckpt.add_bos_token,
-                "chat_template": ckpt.chat_template,
-            },
-            "files": files,
-            "provenance": ckpt.provenance,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        finish_bundle(tmp, out, ckpt, manifest, name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def pool_manifest(kv_dtype: str, block_size: int) -> dict[str, Any]:
+    """The runtime's paged pool, which every bundle's backend computes on."""
+    return {
+        "layout": ["num_blocks", "kv_heads", "block_size", "head_dim"],
+        # the pools' and new_kv's dtype: the activations', or float16 under float32 ones
+        "dtype": kv_dtype,
+        "block_size": block_size,
+        "null_block": 0,
+    }
+
+
+def staging_dir(out: Path, overwrite: bool) -> Path:
+    """A fresh directory beside `out` to assemble a bundle in (see the module docstring)."""
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+
+
+def finish_bundle(tmp: Path, out: Path, ckpt: Checkpoint, manifest: dict[str, Any],
+                  name: str | None) -> None:
+    """Write the tokenizer, checksum every file in `tmp`, write the manifest (`manifest` gives
+    config, graph, precision, kv, ...; the format, tokenizer, files and provenance are added
+    here, once for every exporter) and move the bundle into place."""
+    (tmp / TOKENIZER_FILE).write_text(ckpt.tokenizer_json, encoding="utf-8")
+    files = {}
+    for f in sorted(p.name for p in tmp.iterdir()):
+        files[f] = {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)}
+    full = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name or out.name,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "edgert_version": __version__,
+        **manifest,
+        "tokenizer": {
+            "file": TOKENIZER_FILE,
+            "bos_token_id": ckpt.bos_token_id,
+            "eos_token_ids": list(ckpt.eos_token_ids),
+            "add_bos_token": ckpt.add_bos_token,
+            "chat_template": ckpt.chat_template,
+        },
+        "files": files,
+        "provenance": ckpt.provenance,
+    }
+    (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)

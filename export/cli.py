@@ -8,6 +8,10 @@ import argparse
 import importlib.util
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from export.quantize import QuantConfig
 
 
 def register_pull(sub: argparse._SubParsersAction) -> None:
@@ -45,6 +49,14 @@ def register_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true",
                    help="replace an existing bundle, and keep one that fails the quality gate")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--via", default="native", choices=["native", "optimum"],
+                   help="native (default): edgert's paged-KV graph builder (Llama family and "
+                        "the architectures it names); optimum: Hugging Face optimum's ONNX "
+                        "exporter (many more decoders; fp32 or int8), run in its own venv "
+                        "under the cache and served through the dense-past adapter, slower "
+                        "per step and not bit-identical across batches")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where --via optimum keeps its venv ($EDGERT_CACHE or ~/.cache/edgert)")
     add_quant_args(p)
     p.set_defaults(func=_export)
 
@@ -62,7 +74,10 @@ def _export(args: argparse.Namespace) -> int:
     if args.output.exists() and not args.force:
         raise FileExistsError(f"{args.output} exists; pass --force to replace it")
     progress = not args.no_progress
+    if args.via == "optimum":
+        return _export_optimum(args, quant)
     ckpt = load_source(args.src, progress=progress)
+    print(f"{ckpt.config.architecture}: native paged graph builder")
     # the float graph with a float32 pool loses nothing; anything else is scored against it
     lossless = quant.is_plain_fp32 and quant.kv_pool_dtype == "float32"
     if lossless or args.no_eval:
@@ -73,6 +88,30 @@ def _export(args: argparse.Namespace) -> int:
             print("quality gate NOT checked (--no-eval)")
         return 0
     return export_with_gate(ckpt, args, quant)
+
+
+def _export_optimum(args: argparse.Namespace, quant: QuantConfig) -> int:
+    from edgert.bundle import Bundle
+    from edgert.tools.info import describe
+    from export.optimum_export import export_via_optimum
+
+    if args.kv_dtype not in ("auto", "float32") or quant.precision not in ("fp32", "int8") or (
+            quant.precision == "fp32" and not quant.is_plain_fp32):
+        raise ValueError("--via optimum writes --precision fp32 or int8 (ONNX Runtime's "
+                         "weight-only MatMulNBits) with a float32 KV cache; the other options "
+                         "are the native builder's")
+    if quant.precision == "int8":
+        from export.optimum_quant import export_int8_with_gate
+
+        return export_int8_with_gate(args.src, args.output, block_size=args.block_size,
+                                     name=args.name, force=args.force,
+                                     progress=not args.no_progress, cache_dir=args.cache_dir,
+                                     eval_tokens=args.eval_tokens, no_eval=args.no_eval)
+    out = export_via_optimum(args.src, args.output, block_size=args.block_size, name=args.name,
+                             overwrite=args.force, progress=not args.no_progress,
+                             cache_dir=args.cache_dir)
+    print(describe(Bundle.load(out, verify=False)))
+    return 0
 
 
 def _trt_version(text: str) -> str:

@@ -150,6 +150,23 @@ def load_hf_checkpoint(path: Path) -> Checkpoint:
     files = _safetensors_files(path)
     weights = _load_weights(files, config, source=str(path))
 
+    side = read_tokenizer_side(path, cfg)
+    read = [path / "config.json", *files]
+    read += [p for p in (path / "tokenizer.json", path / "tokenizer_config.json") if p.is_file()]
+    provenance = {
+        "kind": "hf",
+        "path": str(path.resolve()),
+        "architectures": cfg.get("architectures"),
+        "dtype": cfg.get("dtype", cfg.get("torch_dtype")),
+        "files": {p.name: sha256_file(p) for p in read},
+    }
+    return Checkpoint(config=config, weights=weights, provenance=provenance, **side)
+
+
+def read_tokenizer_side(path: Path, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """What a bundle takes from a HF directory besides the graph: tokenizer.json, the chat
+    template, BOS / EOS ids and whether BOS is added (Checkpoint's field names). Shared with
+    the optimum path, so both read a checkpoint's tokenizer the same way."""
     tokenizer_json = _read_text(path / "tokenizer.json")
     if tokenizer_json is None:
         raise UnsupportedModelError(
@@ -174,26 +191,8 @@ def load_hf_checkpoint(path: Path) -> Checkpoint:
     if add_bos is None:
         # Tokenizers like Llama 3's say nothing and add BOS in tokenizer.json's post-processor.
         add_bos = bos_id is not None and tokenizer.encode("a").ids[:1] == [bos_id]
-
-    read = [path / "config.json", *files]
-    read += [p for p in (path / "tokenizer.json", path / "tokenizer_config.json") if p.is_file()]
-    provenance = {
-        "kind": "hf",
-        "path": str(path.resolve()),
-        "architectures": cfg.get("architectures"),
-        "dtype": cfg.get("dtype", cfg.get("torch_dtype")),
-        "files": {p.name: sha256_file(p) for p in read},
-    }
-    return Checkpoint(
-        config=config,
-        weights=weights,
-        tokenizer_json=tokenizer_json,
-        chat_template=_chat_template(path, tok_cfg),
-        bos_token_id=bos_id,
-        eos_token_ids=eos_ids,
-        add_bos_token=bool(add_bos),
-        provenance=provenance,
-    )
+    return {"tokenizer_json": tokenizer_json, "chat_template": _chat_template(path, tok_cfg),
+            "bos_token_id": bos_id, "eos_token_ids": eos_ids, "add_bos_token": bool(add_bos)}
 
 
 def hf_model_config(cfg: Mapping[str, Any], source: str = "config.json") -> ModelConfig:

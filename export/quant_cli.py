@@ -122,21 +122,29 @@ def export_with_gate(ckpt: Checkpoint, args: argparse.Namespace, quant: QuantCon
         kv = f", KV {quant.kv_pool_dtype}" if quant.kv_dtype != "auto" else ""
         print(format_summary(res, f"{bundle.name} ({quant.precision}, {quant.graph_flavour}{kv})",
                              gate))
-        rise = res.perplexity_rise or 0.0
-        if gate is not None and rise > gate:
-            if not args.force:
-                print(f"REFUSED: perplexity rose {rise * 100:+.2f}%, more than the "
-                      f"{gate * 100:.1f}% gate for {quant.precision}/{quant.graph_flavour}; "
-                      "nothing written (--force keeps it anyway)")
-                shutil.rmtree(pending, ignore_errors=True)
-                return 1
-            print(f"WARNING: perplexity rose {rise * 100:+.2f}%, beyond the "
-                  f"{gate * 100:.1f}% gate; kept because of --force")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(pending, out)
-        print(f"wrote {out}")
-        return 0
+        return place_if_within_gate(pending, out, res.perplexity_rise, gate,
+                                    f"{quant.precision}/{quant.graph_flavour}", args.force)
     finally:
         if pending.exists():
             shutil.rmtree(pending, ignore_errors=True)
+
+
+def place_if_within_gate(pending: Path, out: Path, rise: float | None, gate: float | None,
+                         what: str, force: bool) -> int:
+    """Move the scored bundle at `pending` to `out` unless its perplexity rise breaks the gate
+    (then remove it, unless `force`). The exit status of `edgert export`."""
+    rise = rise or 0.0
+    if gate is not None and rise > gate:
+        if not force:
+            print(f"REFUSED: perplexity rose {rise * 100:+.2f}%, more than the "
+                  f"{gate * 100:.1f}% gate for {what}; nothing written (--force keeps it "
+                  "anyway)")
+            shutil.rmtree(pending, ignore_errors=True)
+            return 1
+        print(f"WARNING: perplexity rose {rise * 100:+.2f}%, beyond the "
+              f"{gate * 100:.1f}% gate; kept because of --force")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(pending, out)
+    print(f"wrote {out}")
+    return 0

@@ -1098,6 +1098,7 @@ def check_bundle(bundle_path: str | Path, *, limits: Limits | None = None,
     from edgert.bundle import Bundle
 
     bundle = Bundle.load(bundle_path, verify=False)
+    bundle.require_paged("edgert check-trt")
     m = bundle.manifest
     limits = limits or Limits()
     if limits.block_size is None:

@@ -23,6 +23,7 @@ class _Seq:
 
 class PagedRunner:
     def __init__(self, bundle: Bundle, block_size: int = 4, num_blocks: int = 64, seed: int = 0):
+        bundle.require_paged("tests/paged_runner.PagedRunner")
         cfg = bundle.config
         self.bundle, self.bs = bundle, block_size
         rng = np.random.default_rng(seed)

@@ -38,16 +38,17 @@ def measure(bundle_path: str, shapes: list[Shape], num_blocks: int, block_size: 
 
 
 def _main(arg: str) -> None:
-    from edgert.bundle import Bundle
+    from edgert.bundle import PAGED, Bundle
     from edgert.config import BackendConfig
+    from edgert.runner.dense_backend import DenseBackend
     from edgert.runner.ort_backend import OrtBackend
     from edgert.runner.step_inputs import dummy_inputs
 
     a = json.loads(arg)
     bundle = Bundle.load(a["bundle"], verify=False)
     start = _status("VmRSS")
-    backend = OrtBackend(bundle, a["num_blocks"], a["block_size"],
-                         BackendConfig(threads=a["threads"]))
+    cls = OrtBackend if bundle.convention == PAGED else DenseBackend
+    backend = cls(bundle, a["num_blocks"], a["block_size"], BackendConfig(threads=a["threads"]))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM: loading the session peaks higher than it stays
     before = _status("VmRSS")

@@ -5,7 +5,7 @@ itself with the board's plan. Every one owns its pool and honours the same contr
 
 from __future__ import annotations
 
-from edgert.bundle import Bundle
+from edgert.bundle import DENSE_PAST, Bundle
 from edgert.config import BackendConfig
 from edgert.core.shapes import ShapeMenu
 from edgert.runner.model_runner import Backend
@@ -32,6 +32,10 @@ def make_backend(bundle: Bundle, num_blocks: int, block_size: int, config: Backe
                  menu: ShapeMenu) -> Backend:
     if config.provider not in PROVIDERS:
         raise ValueError(f"unknown provider {config.provider!r}; one of {', '.join(PROVIDERS)}")
+    if bundle.convention == DENSE_PAST:
+        from edgert.runner.dense_backend import DenseBackend
+
+        return DenseBackend(bundle, num_blocks, block_size, config)  # refuses a GPU provider
     if config.provider == "cpu":
         from edgert.runner.ort_backend import OrtBackend
 

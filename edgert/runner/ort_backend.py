@@ -69,6 +69,7 @@ class OrtBackend:
         if config.provider != "cpu":
             raise ValueError(f"OrtBackend runs the CPU provider, not {config.provider!r} "
                              "(runner/backends.py picks the backend)")
+        bundle.require_paged("OrtBackend")
         cfg = bundle.config
         self.pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size,
                            num_blocks, np.dtype(bundle.kv["dtype"]))

@@ -80,6 +80,7 @@ class OrtGpuBackend:
         reason = gpu_unavailable(config.provider)
         if reason is not None:
             raise ValueError(f"provider {config.provider!r} cannot run here: {reason}")
+        bundle.require_paged(f"provider {config.provider!r}")
         cfg = bundle.config
         self.io = bundle.graph
         self.dtype = np.dtype(bundle.kv["dtype"])

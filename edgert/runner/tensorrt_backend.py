@@ -50,6 +50,7 @@ class TensorRTBackend:
         reason = tensorrt_unavailable()
         if reason is not None:
             raise ValueError(f"provider 'tensorrt-native' cannot run here: {reason}")
+        bundle.require_paged("provider 'tensorrt-native'")
         if not config.device_profile:
             raise ValueError("provider 'tensorrt-native' needs --device PROFILE: the engine is "
                              "built for one device profile (edgert build-engine)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgert.bundle import Bundle
+from edgert.bundle import PAGED, Bundle
 from edgert.config import add_engine_args, engine_config_from_args
 
 
@@ -46,6 +46,10 @@ def _build(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     bundle = Bundle.load(args.bundle, verify=not args.no_verify)
+    if bundle.convention != PAGED:
+        print(f"edgert build-engine: error: {bundle.path} is a {bundle.convention} bundle "
+              "(exported --via optimum), which runs only on the CPU provider", file=sys.stderr)
+        return 2
     if bundle.graph.get("flavour") == "cpu":
         print(f"edgert build-engine: error: {bundle.path} is a cpu-flavour bundle (ONNX "
               "Runtime's fused CPU kernels); export with --flavour portable for TensorRT",

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from edgert.bundle import Bundle
+from edgert.bundle import PAGED, Bundle
 from edgert.model_config import ModelConfig
 
 # Topic i of the sorted pydoc topics is held out iff i % HELDOUT_EVERY == HELDOUT_SLOT: a quarter
@@ -118,6 +118,8 @@ class GraphScorer:
         from edgert.config import BackendConfig
         from edgert.runner.ort_backend import session_options
 
+        if bundle.convention != PAGED:
+            return DenseScorer(bundle, threads)
         opts = session_options(BackendConfig(threads=threads), bundle)
         session = ort.InferenceSession(str(bundle.model_path), opts,
                                        providers=["CPUExecutionProvider"])
@@ -147,6 +149,27 @@ class GraphScorer:
             "input_ids", "positions", "query_lens", "context_lens", "block_tables",
             "logits_indices")}
         logits = self.session.run([self.io["outputs"]["logits"]], {**feed, **self._pools})[0]
+        return _log_softmax(logits.astype(np.float32))
+
+
+class DenseScorer(GraphScorer):
+    """The same windows through a dense-past bundle (exported --via optimum): its adapter on a
+    two-block pool, every window a fresh prefill whose padded past is all masked out."""
+
+    def __init__(self, bundle: Bundle, threads: int = 0):
+        from edgert.config import BackendConfig
+        from edgert.runner.dense_backend import DenseBackend
+
+        self.io, self.config = bundle.graph, bundle.config
+        self.backend = DenseBackend(bundle, 2, self.BLOCK, BackendConfig(threads=threads))
+
+    def logprobs(self, ids: np.ndarray, first_row: int) -> np.ndarray:
+        from edgert.runner.step_inputs import fresh_prefill
+
+        t = len(ids)
+        x = fresh_prefill(np.asarray(ids, np.int32)[None], self.BLOCK,
+                          logits_indices=np.arange(first_row, t - 1))
+        logits = self.backend.run(x, np.full(x.input_ids.shape, -1, np.int64))
         return _log_softmax(logits.astype(np.float32))
 
 
