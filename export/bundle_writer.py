@@ -19,7 +19,7 @@ from edgert import __version__
 from edgert.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from export.calibration import Calibration
 from export.checkpoint import Checkpoint
-from export.graph import FLOAT32_ISLANDS, IO, OPSET, build_decoder
+from export.graph import FLOAT32_ISLANDS, IO, build_decoder
 from export.quantize import QuantConfig, build_quantized
 
 MODEL_FILE = "model.onnx"
@@ -72,7 +72,8 @@ def write_bundle(ckpt: Checkpoint, out: Path, *, block_size: int = 16, progress:
             bar.update()
         manifest = {
             "config": cfg.to_dict(),
-            "graph": {"file": MODEL_FILE, "opset": OPSET, "domains": meta["domains"],
+            "graph": {"file": MODEL_FILE, "domains": meta["domains"],
+                      "opset": next(o.version for o in model.opset_import if o.domain == ""),
                       "flavour": meta["flavour"], "activation_dtype": meta["dtype"],
                       **({"float32_islands": list(FLOAT32_ISLANDS)}
                          if meta["dtype"] != "float32" else {}),

@@ -39,6 +39,10 @@ from edgert.model_config import ModelConfig
 from export.checkpoint import Checkpoint
 
 OPSET = 21
+# The cpu flavour's opset: TensorScatter (24) writes the step's K/V into the gathered past in
+# place, where ScatterND copies the whole gathered past first (TensorRT 10 reads opsets <= 21,
+# so the portable graph keeps ScatterND)
+CPU_OPSET = 24
 IR_VERSION = 10
 # Masked scores: a large finite negative through `Where`, never -inf: a row whose keys are all
 # masked (a padded query row) then yields finite garbage instead of NaN.
@@ -79,6 +83,7 @@ class _Builder:
     def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self.value_info: list[onnx.ValueInfoProto] = []
         self._count = 0
 
     def _name(self, hint: str) -> str:
@@ -134,6 +139,9 @@ class DecoderGraphBuilder:
         self.b = _Builder()
         # Operator domains the graph imports; a quantizing subclass adds com.microsoft.
         self.opsets: dict[str, int] = {"": OPSET}
+        # The step's K/V join the gathered past through ScatterND (portable) or in place
+        # through TensorScatter (set with opset CPU_OPSET by the cpu flavour)
+        self.in_place_kv = False
         self._progress = progress or (lambda _n: None)
         self._axis_last = self.b.const(np.array([-1], np.int64), "axes_last")
 
@@ -281,7 +289,7 @@ class DecoderGraphBuilder:
                                           [cfg.num_layers, 2, "S", "T", kvh, d]),
         ]
         graph = helper.make_graph(b.nodes, "edgert_paged_decoder", inputs, outputs,
-                                  initializer=b.initializers)
+                                  initializer=b.initializers, value_info=b.value_info)
         model = helper.make_model(
             graph, opset_imports=[helper.make_opsetid(d, v) for d, v in self.opsets.items()],
             producer_name="edgert-export")
@@ -326,13 +334,14 @@ class DecoderGraphBuilder:
         idx = b.op("Concat", b.op("Unsqueeze", table, ax), b.op("Unsqueeze", heads, ax), axis=-1)
         return b.op("Cast", idx, to=TensorProto.INT64)
 
-    def _key_positions(self, blocks: str, zero: str, one: str) -> tuple[str, str]:
+    def _key_positions(self, blocks: str, zero: str, one: str) -> tuple[str | None, str]:
         """Where the new tokens go among the gathered keys, and which keys each query sees.
 
         Token t of sequence s is at position p = context_len[s] + t, i.e. in block column
         p // block_size at offset p % block_size of the gathered [S, kvh, B, block_size, d]:
         ScatterND indices [S, kvh, T, 4] = (s, h, p // block_size, p % block_size), int64 as
-        ONNX requires. Query t sees keys j <= p (causal; everything older is its past): a mask
+        ONNX requires (None when TensorScatter places them: `blocks` is then the placed
+        [S, kvh, P, d]). Query t sees keys j <= p (causal; everything older is its past): a mask
         [S, 1, g*T, P] over the stacked query heads, P = B * block_size. The block table
         covers the new tokens' slots."""
         b = self.b
@@ -343,8 +352,12 @@ class DecoderGraphBuilder:
             return b.op("Squeeze", b.op("Cast", b.op("Shape", x, start=i, end=i + 1), to=i32))
 
         s_len, t_len = dim(IO.input_ids, 0), dim(IO.input_ids, 1)
-        bs = dim(blocks, 3)
-        p_len = b.op("Mul", dim(blocks, 2), bs)
+        if self.in_place_kv:  # `blocks` is layer 0's placed keys [S, kvh, P, d]: read after
+            # the TensorScatter, as a second reader before it would make it copy
+            bs, p_len = None, dim(blocks, 2)
+        else:
+            bs = dim(blocks, 3)
+            p_len = b.op("Mul", dim(blocks, 2), bs)
         ctx = b.op("Unsqueeze", IO.context_lens, b.const(np.array([1], np.int64)))  # [S, 1]
         ti = b.op("Unsqueeze", b.op("Range", zero, t_len, one),
                   b.const(np.array([0], np.int64)))  # [1, T]
@@ -356,13 +369,16 @@ class DecoderGraphBuilder:
         at3 = b.op("Unsqueeze", at, ax1)  # [S, 1, T]
         like = b.op("Mul", b.op("Add", at3, b.op("Mul", b.const(
             np.zeros((1, kvh, 1), np.int32)), zero)), zero)  # zeros [S, kvh, T]
-        parts = [b.op("Add", b.op("Unsqueeze", si, ax1), like),
-                 b.op("Add", b.const(np.arange(kvh, dtype=np.int32).reshape(1, kvh, 1)), like),
-                 b.op("Add", b.op("Div", at3, bs), like),
-                 b.op("Add", b.op("Mod", at3, bs), like)]
         ax = b.const(np.array([-1], np.int64))
-        idx = b.op("Concat", *(b.op("Unsqueeze", x, ax) for x in parts), axis=-1)
-        idx = b.op("Cast", idx, to=TensorProto.INT64)  # [S, kvh, T, 4]
+        idx = None
+        if bs is not None:  # ScatterND's indices; TensorScatter takes context_lens instead
+            parts = [b.op("Add", b.op("Unsqueeze", si, ax1), like),
+                     b.op("Add", b.const(np.arange(kvh, dtype=np.int32).reshape(1, kvh, 1)),
+                          like),
+                     b.op("Add", b.op("Div", at3, bs), like),
+                     b.op("Add", b.op("Mod", at3, bs), like)]
+            idx = b.op("Concat", *(b.op("Unsqueeze", x, ax) for x in parts), axis=-1)
+            idx = b.op("Cast", idx, to=TensorProto.INT64)  # [S, kvh, T, 4]
         pj = b.op("Range", zero, p_len, one)  # [P]
         at_p = b.op("Unsqueeze", at, ax)  # [S, T, 1]
         causal = b.op("LessOrEqual", pj, at_p)  # [S, T, P]
@@ -445,14 +461,17 @@ class DecoderGraphBuilder:
         # preemption, and quantized activations never see a batch-dependent rounding (see
         # DESIGN.md, batch invariance).
         if layer == 0:
-            self._scatter_at, self._key_mask = self._key_positions(k_blocks, zero, one)
             b.const(np.array(MASK_VALUE, np.float32), "mask_value")
+            if self.in_place_kv:
+                self._write_at = b.op("Cast", IO.context_lens, to=TensorProto.INT64)
+            else:
+                self._scatter_at, self._key_mask = self._key_positions(k_blocks, zero, one)
         heads_first = [0, 2, 1, 3]  # [S, T, kvh, d] -> [S, kvh, T, d]: only this step's tokens
         flat = b.const(np.array([0, 0, -1, d], np.int64))
-        k_all = b.op("Reshape", b.op("ScatterND", k_blocks, self._scatter_at,
-                                     b.op("Transpose", k, perm=heads_first)), flat)
-        v_all = b.op("Reshape", b.op("ScatterND", v_blocks, self._scatter_at,
-                                     b.op("Transpose", v, perm=heads_first)), flat)
+        k_all, v_all = (self._place(blocks, b.op("Transpose", new, perm=heads_first), flat)
+                        for blocks, new in ((k_blocks, k), (v_blocks, v)))
+        if layer == 0 and self.in_place_kv:
+            _, self._key_mask = self._key_positions(k_all, zero, one)
         if widen:  # float16 keys and values, float32 GEMMs
             k_all, v_all = self.cast(k_all, self.act), self.cast(v_all, self.act)
         kp = b.op("Transpose", k_all, perm=[0, 1, 3, 2])  # [S, kvh, d, P]: ORT fuses it
@@ -479,6 +498,24 @@ class DecoderGraphBuilder:
         o = b.op("Reshape", o, b.const(np.array([0, 0, nh * d], np.int64)))
         out = self.linear(o, w[p + "o_proj.weight"].T, p + "o_proj.weight")
         return out, k, v
+
+    def _place(self, blocks: str, new: str, flat: str) -> str:
+        """The gathered past [S, kvh, B, bs, d] with the step's K or V [S, kvh, T, d] at
+        positions context_len .. context_len + T - 1 -> [S, kvh, P, d]. The same values land
+        in the same places either way; TensorScatter writes them into the gathered buffer
+        where ScatterND first copies it (a third of the past's traffic at long contexts)."""
+        b = self.b
+        if self.in_place_kv:
+            past = b.op("Reshape", blocks, flat)
+            out = b.op("TensorScatter", past, new, self._write_at, axis=-2)
+            # ORT writes in place only when it can see the two shapes are equal: its shape
+            # inference leaves the Reshape's -1 axis unnamed, and an unnamed axis never equals
+            # another (measured: every TensorScatter copied until both were named)
+            dims = ["S", self.cfg.num_kv_heads, "P", self.cfg.head_dim]
+            b.value_info += [helper.make_tensor_value_info(x, self.kv, dims) for x in (past, out)]
+            return out
+        assert self._scatter_at is not None
+        return b.op("Reshape", b.op("ScatterND", blocks, self._scatter_at, new), flat)
 
     def _mlp(self, layer: int, h: str) -> str:
         b, w = self.b, self.ckpt.weights

@@ -243,9 +243,12 @@ def test_a_grammar_the_vocabulary_cannot_spell_dead_ends_clearly(tmp_path):
     bundle = Bundle.load(write_bundle(load_source(ckpt), tmp_path / "b", progress=False))
     engine = LLMEngine(bundle)
     prompt = tok.encode("the cat").ids
-    rids = {engine.add_request(prompt, SamplingParams(max_tokens=8, grammar=grammar_of(
-                {"guided_regex": g}, None))): g for g in ("Q+", "[a-z]{3}")}
-    rids[engine.add_request(prompt, SamplingParams(max_tokens=4))] = "plain"
+    rids = {engine.add_request(prompt, SamplingParams(max_tokens=8, temperature=0.0,
+                                                      grammar=grammar_of({"guided_regex": g},
+                                                                         None))): g
+            for g in ("Q+", "[a-z]{3}")}
+    plain = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)  # runs to length
+    rids[engine.add_request(prompt, plain)] = "plain"
     done, tokens = {}, {g: [] for g in rids.values()}
     for _ in range(50):
         for out in engine.step():
