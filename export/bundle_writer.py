@@ -119,10 +119,7 @@ def finish_bundle(tmp: Path, out: Path, ckpt: Checkpoint, manifest: dict[str, An
     config, graph, precision, kv, ...; the format, tokenizer, files and provenance are added
     here, once for every exporter) and move the bundle into place."""
     (tmp / TOKENIZER_FILE).write_text(ckpt.tokenizer_json, encoding="utf-8")
-    files = {}
-    for f in sorted(p.name for p in tmp.iterdir()):
-        files[f] = {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)}
-    full = {
+    seal(tmp, out, {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "name": name or out.name,
@@ -136,10 +133,16 @@ def finish_bundle(tmp: Path, out: Path, ckpt: Checkpoint, manifest: dict[str, An
             "add_bos_token": ckpt.add_bos_token,
             "chat_template": ckpt.chat_template,
         },
-        "files": files,
         "provenance": ckpt.provenance,
-    }
-    (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
+    })
+
+
+def seal(tmp: Path, out: Path, manifest: dict[str, Any]) -> None:
+    """Checksum every file assembled in `tmp` into the manifest's `files`, write the manifest
+    and move the bundle into place (replacing `out`)."""
+    manifest["files"] = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+                         for f in sorted(tmp.iterdir()) if f.name != MANIFEST}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -18,13 +18,12 @@ embedding, not a constant) stays float32.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from edgert.bundle import DENSE_PAST, MANIFEST, sha256_file
-from export.bundle_writer import DATA_FILE, MODEL_FILE, TOKENIZER_FILE, staging_dir
+from edgert.bundle import DENSE_PAST, MANIFEST
+from export.bundle_writer import DATA_FILE, MODEL_FILE, TOKENIZER_FILE, seal, staging_dir
 
 BLOCK = 32
 QUANTIZATION = {
@@ -69,12 +68,7 @@ def quantize_dense_bundle(fp32: Path, out: Path, *, overwrite: bool = False) -> 
             **QUANTIZATION,
             "int8_matmuls": sum(n.op_type == "MatMulNBits" for n in graph.node),
             "float32_matmuls": sum(n.op_type == "MatMul" for n in graph.node)}
-        manifest["files"] = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-                             for f in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        seal(tmp, out, manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,14 +15,12 @@ import sys
 import tarfile
 from pathlib import Path
 
-import httpx
 import jsonschema
-import openai
 import pytest
 
 from edgert.serve.tools import Tools, native, native_messages, parse_tools, tool_calls
 from edgert.text.tokenizer import Tokenizer
-from tests.test_server import ServerProcess
+from tests.test_server import openai_over
 from tests.test_tools import TRAINS, WEATHER
 
 SDIST = "llama-cpp-python==0.3.36"  # the peer scripts/bench_vs_llamacpp.py builds
@@ -129,13 +127,8 @@ def qwen_client(smollm2_bundle, templates, tmp_path_factory):
     manifest_path.unlink()  # a link: never write through it into the cached bundle
     manifest["tokenizer"]["chat_template"] = templates["qwen2.5"]
     manifest_path.write_text(json.dumps(manifest))
-    srv = ServerProcess(bundle, root / "s.sock")
-    srv.wait_healthy()
-    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(srv.sock)))
-    c = openai.OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=http)
-    yield c, c.models.list().data[0].id
-    http.close()
-    assert srv.stop() == 0, srv.log
+    with openai_over(bundle, root / "s.sock") as c:
+        yield c
 
 
 def test_openai_flow_through_a_native_template(qwen_client):

@@ -134,6 +134,24 @@ def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
     return out
 
 
+@contextlib.contextmanager
+def openai_over(bundle: Path | str, sock: Path):
+    """A served bundle and the `openai` package's client on its socket: (client, model id).
+    The server must exit cleanly afterwards."""
+    import openai
+
+    srv = ServerProcess(bundle, sock)
+    srv.wait_healthy()
+    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(srv.sock)))
+    try:
+        client = openai.OpenAI(base_url="http://localhost/v1", api_key="unused",
+                               http_client=http)
+        yield client, client.models.list().data[0].id
+    finally:
+        http.close()
+        assert srv.stop() == 0, srv.log
+
+
 def metric(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 

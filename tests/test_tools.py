@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import jsonschema
 import openai
 import pytest
 
 from edgert.serve.tools import Tools, fallback_messages, native, parse_tools, tool_calls
-from tests.test_server import ServerProcess
+from tests.test_server import openai_over
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -32,13 +31,8 @@ TRAINS = {"type": "function", "function": {
 
 @pytest.fixture(scope="module")
 def client(smollm2_bundle, tmp_path_factory):
-    srv = ServerProcess(smollm2_bundle.path, tmp_path_factory.mktemp("tools") / "s.sock")
-    srv.wait_healthy()
-    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(srv.sock)))
-    c = openai.OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=http)
-    yield c, c.models.list().data[0].id
-    http.close()
-    assert srv.stop() == 0, srv.log
+    with openai_over(smollm2_bundle.path, tmp_path_factory.mktemp("tools") / "s.sock") as c:
+        yield c
 
 
 def _args(call, tool: dict) -> dict:
