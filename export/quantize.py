@@ -86,6 +86,9 @@ class QuantConfig:
     # The KV pools' dtype: "auto" = the activation dtype; float16 halves a float32 graph's pool
     # (graph.py rounds the new K/V before attention, so batch invariance holds)
     kv_dtype: str = "auto"
+    # cpu flavours: the step's K/V joins the gathered past by ScatterND ("scatter") or in place
+    # by TensorScatter ("in-place", opset 24): faster, more peak memory (graph.py, README)
+    kv_write: str = "scatter"
     calib: CalibConfig = field(default_factory=CalibConfig)
 
     def __post_init__(self) -> None:
@@ -99,6 +102,11 @@ class QuantConfig:
             raise ValueError(f"embedding precision must be one of {TABLE_PRECISIONS}")
         if self.lm_head is not None and self.lm_head not in HEAD_PRECISIONS:
             raise ValueError(f"LM head precision must be one of {HEAD_PRECISIONS}")
+        if self.kv_write not in ("scatter", "in-place"):
+            raise ValueError("kv_write must be 'scatter' or 'in-place'")
+        if self.kv_write == "in-place" and self.graph_flavour != "cpu":
+            raise ValueError("--kv-write in-place is for the cpu flavours (TensorScatter is "
+                             "opset 24; TensorRT 10 reads opsets up to 21)")
         if self.int8_kernel not in ("blocks", "rows"):
             raise ValueError("int8 kernel must be 'blocks' or 'rows'")
         if self.kv_dtype not in KV_DTYPES:
@@ -204,7 +212,7 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
         self.calibration = calibration
         self.ops = QuantOps(self.b, qcfg.accuracy_level, act=self.act)
         assert not (self.float16 and qcfg.graph_flavour == "cpu"), "cpu kernels are float32"
-        if qcfg.graph_flavour == "cpu":  # ORT only: the K/V placed in place (graph.py)
+        if qcfg.kv_write == "in-place":  # ORT only: the K/V placed in place (graph.py)
             self.in_place_kv, self.opsets[""] = True, CPU_OPSET
         self.layers: dict[str, dict[str, Any]] = {}
         self.quantized: dict[str, QuantizedWeight] = {}  # what the graph computes with

@@ -582,3 +582,25 @@ def test_export_cli_prints_the_summary_and_applies_the_gate(tiny_ckpts, tmp_path
     m = Bundle.load(out).manifest
     assert m["precision"] == "int4" and m["quantization"]["method"] == "gptq"
     assert m["calibration"]["samples"] == 4
+
+
+def test_in_place_kv_write_is_the_same_graph_faster(tiny_ckpts, tmp_path):
+    """`--kv-write in-place`: TensorScatter (opset 24) instead of ScatterND, and every logit
+    bit-identical to the ScatterND graph's, through prefill and decode on the paged pool."""
+    import onnx
+
+    ckpts, calib = tiny_ckpts
+    ids = [int(t) for t in np.random.default_rng(6).integers(0, VOCAB, size=30)]
+    out = {}
+    for mode in ("scatter", "in-place"):
+        qcfg = QuantConfig(precision="int8", kv_write=mode,
+                           calib=CalibConfig(source=calib, samples=8, seqlen=64))
+        bundle = Bundle.load(write_bundle(ckpts["qwen2"], tmp_path / mode, progress=False,
+                                          quant=qcfg))
+        ops = {n.op_type for n in onnx.load(str(bundle.model_path)).graph.node}
+        assert ("TensorScatter" in ops) == (mode == "in-place") != ("ScatterND" in ops)
+        assert bundle.graph["opset"] == (24 if mode == "in-place" else 21)
+        out[mode] = _logits(bundle, ids)
+    np.testing.assert_array_equal(out["in-place"], out["scatter"])
+    with pytest.raises(ValueError, match="cpu flavours"):
+        QuantConfig(precision="int8", flavour="portable", kv_write="in-place")
