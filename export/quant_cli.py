@@ -62,8 +62,7 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="how the cpu flavours place the step's K/V among the gathered past: "
                         "scatter (default; ScatterND copies the past first) or in-place "
                         "(TensorScatter, opset 24: SmolLM2 int8 c=16 throughput 1.18x and half "
-                        "the context slope, but ORT then holds every layer's gathered past "
-                        "to the end of a call: peak RSS +480 MiB at 16 x 1k tokens)")
+                        "the context slope, but peak RSS +480 MiB in the same benchmark)")
     g.add_argument("--calib", default="builtin",
                    help="calibration text: 'builtin' (Python's pydoc topics, calibration half) "
                         "or a UTF-8 text file")
