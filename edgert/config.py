@@ -10,19 +10,29 @@ from dataclasses import dataclass, field
 MiB = 1 << 20
 
 
+SPINNING = ("off", "step", "on")
+
+
 @dataclass
 class BackendConfig:
     # cpu: ONNX Runtime on the CPU; cuda / tensorrt: ONNX Runtime's CUDA / TensorRT execution
     # provider with the pool on the GPU; tensorrt-native: TensorRT with the board's plan.
     provider: str = "cpu"
     threads: int = 0  # intra-op threads; 0 = one per physical core (ORT's default)
-    # Spinning worker threads burn the cores between ops; on a 2-core board they starve the
-    # server's event loop and the tokenizer, so it is off by default (scripts/bench_spinning.py).
-    allow_spinning: bool = False
+    # ORT's worker threads between ops: "off" sleeps (a futex wake-up per parallel op: ~1,500 a
+    # step), "step" spins while a step runs and stops when it returns (the event loop and the
+    # tokenizer get the cores between steps), "on" spins always (starves them on 2 cores).
+    # Measured in scripts/bench_spinning.py and bench_vs_llamacpp.py; see the README.
+    spinning: str = "off"
     optimization: str = "all"  # basic | extended | all
     device_id: int = 0  # which GPU
     device_profile: str | None = None  # devices/*.json name: selects the TensorRT plan
     engine_cache: str | None = None  # ORT's TensorRT provider: where its engines are cached
+
+    def __post_init__(self) -> None:
+        if self.spinning not in SPINNING:
+            raise ValueError(f"spinning must be one of {', '.join(SPINNING)}, "
+                             f"not {self.spinning!r}")
 
 
 @dataclass
@@ -172,9 +182,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "this project's CI (no GPU): see the README")
     g.add_argument("--threads", type=int, default=0,
                    help="ONNX Runtime intra-op threads (default: one per core)")
-    g.add_argument("--spinning", action="store_true",
-                   help="let ORT worker threads spin between ops (off: on 2 cores spinning "
-                        "starves the server's event loop)")
+    g.add_argument("--spinning", default="off", choices=SPINNING,
+                   help="ORT worker threads between ops: off (sleep; default), step (spin "
+                        "while a step runs, stop when it returns), on (spin always: starves "
+                        "the server's event loop on 2 cores)")
     g.add_argument("--no-verify", action="store_true",
                    help="skip the bundle's sha256 verification at load")
 
@@ -204,5 +215,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         speculative_tokens=args.speculative_tokens,
         speculative_max_seqs=args.speculative_max_seqs,
         backend=BackendConfig(provider=args.provider, threads=args.threads,
-                              allow_spinning=args.spinning, device_profile=args.device),
+                              spinning=args.spinning, device_profile=args.device),
         verify_bundle=not args.no_verify)

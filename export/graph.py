@@ -468,12 +468,10 @@ class DecoderGraphBuilder:
                 self._scatter_at, self._key_mask = self._key_positions(k_blocks, zero, one)
         heads_first = [0, 2, 1, 3]  # [S, T, kvh, d] -> [S, kvh, T, d]: only this step's tokens
         flat = b.const(np.array([0, 0, -1, d], np.int64))
-        k_all, v_all = (self._place(blocks, b.op("Transpose", new, perm=heads_first), flat)
-                        for blocks, new in ((k_blocks, k), (v_blocks, v)))
+        k_all, v_all = (self._place(blocks, b.op("Transpose", new, perm=heads_first), flat,
+                                    widen) for blocks, new in ((k_blocks, k), (v_blocks, v)))
         if layer == 0 and self.in_place_kv:
             _, self._key_mask = self._key_positions(k_all, zero, one)
-        if widen:  # float16 keys and values, float32 GEMMs
-            k_all, v_all = self.cast(k_all, self.act), self.cast(v_all, self.act)
         kp = b.op("Transpose", k_all, perm=[0, 1, 3, 2])  # [S, kvh, d, P]: ORT fuses it
         vp = v_all  # [S, kvh, P, d]
         # The masked scores and their Softmax in float32 (the mask value is far beyond float16,
@@ -499,23 +497,33 @@ class DecoderGraphBuilder:
         out = self.linear(o, w[p + "o_proj.weight"].T, p + "o_proj.weight")
         return out, k, v
 
-    def _place(self, blocks: str, new: str, flat: str) -> str:
+    def _place(self, blocks: str, new: str, flat: str, widen: bool) -> str:
         """The gathered past [S, kvh, B, bs, d] with the step's K or V [S, kvh, T, d] at
-        positions context_len .. context_len + T - 1 -> [S, kvh, P, d]. The same values land
-        in the same places either way; TensorScatter writes them into the gathered buffer
-        where ScatterND first copies it (a third of the past's traffic at long contexts)."""
+        positions context_len .. context_len + T - 1 -> [S, kvh, P, d], in the activation
+        dtype (a float16 pool is widened for the float32 GEMMs). The same values land in the
+        same places either way; TensorScatter writes them into a buffer where ScatterND first
+        copies it (a third of the past's traffic at long contexts)."""
         b = self.b
         if self.in_place_kv:
             past = b.op("Reshape", blocks, flat)
+            if widen:
+                # widened BEFORE the write, so TensorScatter writes into the Cast's buffer. Written
+                # into the GatherND's own buffer, ORT kept every layer's gathered past alive to
+                # the end of the call (measured: 412 MiB of activations at S=16 over 1k tokens
+                # instead of 59). The step's K/V were rounded to the pool's dtype already, so
+                # the widened values are the ones the pool will hold.
+                past, new = self.cast(past, self.act), self.cast(new, self.act)
             out = b.op("TensorScatter", past, new, self._write_at, axis=-2)
             # ORT writes in place only when it can see the two shapes are equal: its shape
             # inference leaves the Reshape's -1 axis unnamed, and an unnamed axis never equals
             # another (measured: every TensorScatter copied until both were named)
             dims = ["S", self.cfg.num_kv_heads, "P", self.cfg.head_dim]
-            b.value_info += [helper.make_tensor_value_info(x, self.kv, dims) for x in (past, out)]
+            b.value_info += [helper.make_tensor_value_info(x, self.act if widen else self.kv,
+                                                           dims) for x in (past, out)]
             return out
         assert self._scatter_at is not None
-        return b.op("Reshape", b.op("ScatterND", blocks, self._scatter_at, new), flat)
+        out = b.op("Reshape", b.op("ScatterND", blocks, self._scatter_at, new), flat)
+        return self.cast(out, self.act) if widen else out  # float16 K/V, float32 GEMMs
 
     def _mlp(self, layer: int, h: str) -> str:
         b, w = self.b, self.ckpt.weights

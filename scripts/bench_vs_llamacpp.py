@@ -39,6 +39,8 @@ EXPORTS = {  # bundle flavour -> `edgert export` precision arguments
     "int8kv16": ["--precision", "int8", "--kv-dtype", "float16"],
     "int4kv16": ["--precision", "int4", "--group-size", "32", "--asymmetric",
                  "--kv-dtype", "float16"],
+    # int8kv16 with the K/V placed by ScatterND instead of in place (--kv-write)
+    "int8kv16sc": ["--precision", "int8", "--kv-dtype", "float16", "--kv-write", "scatter"],
 }
 
 
@@ -81,13 +83,26 @@ def build_llamacpp() -> Path:
     return server
 
 
+def variant(name: str) -> tuple[str, list[str]]:
+    """'int8kv16+spinning=step' -> ('int8kv16', ['--spinning', 'step']): one bundle served with
+    other `edgert serve` flags, a run of its own in the same go."""
+    base, *flags = name.split("+")
+    if base not in EXPORTS:
+        raise SystemExit(f"unknown bundle {base!r}; one of {', '.join(EXPORTS)}")
+    extra = []
+    for flag in flags:
+        key, _, value = flag.partition("=")
+        extra += [f"--{key}", *([value] if value else [])]
+    return base, extra
+
+
 def model_and_bundles(names: list[str]) -> tuple[Path, dict[str, Path]]:
     env = {**os.environ, "EDGERT_CACHE": str(CACHE / "edgert")}
     out = subprocess.run([*EDGERT, "pull", "smollm2-135m"], env=env, check=True,
                          capture_output=True, text=True).stdout
     gguf = next(Path(w) for w in out.split() if w.endswith(".gguf"))
     bundles = {}
-    for name in names:
+    for name in dict.fromkeys(variant(n)[0] for n in names):
         path = CACHE / "bench_vs_llamacpp" / "bundles" / name
         if subprocess.run([*EDGERT, "info", str(path)], capture_output=True).returncode != 0:
             subprocess.run([*EDGERT, "export", "smollm2-135m", "-o", str(path), "--force",
@@ -198,7 +213,9 @@ def ratios(ours: dict, peer: dict) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--bundles", default="fp32,int8,int4",
-                    help=f"edgert bundles to compare ({', '.join(EXPORTS)})")
+                    help=f"edgert bundles to compare ({', '.join(EXPORTS)}); BUNDLE+flag=value "
+                         "serves it with `edgert serve --flag value` as a run of its own, "
+                         "e.g. int8kv16+spinning=step")
     ap.add_argument("--requests", type=int, default=48, help="requests per level (48)")
     ap.add_argument("--concurrency", default="1,16", help="levels (1,16)")
     ap.add_argument("--prompt-len", type=int, default=141, help="mean prompt tokens (141)")
@@ -229,7 +246,7 @@ def main() -> int:
     from edgert.text.tokenizer import Tokenizer
     from edgert.tools.bench_serve import corpus_text
 
-    tok = Tokenizer.from_bundle(Bundle.load(bundles[names[0]], verify=False))
+    tok = Tokenizer.from_bundle(Bundle.load(bundles[variant(names[0])[0]], verify=False))
     corpus = tok.encode(corpus_text(random.Random(args.seed), args.prompt_len),
                         add_special_tokens=False)
     report: dict = {"cpu": cpu_flags(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -258,14 +275,15 @@ def main() -> int:
             f"http://127.0.0.1:{port}", args, corpus, 1024)
         for name in names:
             sock = Path(tempfile.mkdtemp()) / "edgert.sock"
+            base, extra = variant(name)
             report["runs"][name] = run_server(
-                [*EDGERT, "serve", str(bundles[name]), "--socket", str(sock), "--no-verify",
-                 *kv(bundles[name])], str(sock), args, corpus, 1024)
+                [*EDGERT, "serve", str(bundles[base]), "--socket", str(sock), "--no-verify",
+                 *kv(bundles[base]), *extra], str(sock), args, corpus, 1024)
             shutil.rmtree(sock.parent, ignore_errors=True)
         print_load(report, names)
     lengths = [int(n) for n in args.context_curve.split(",") if n]
     if lengths:
-        report["curve"] = curve(args, server, gguf, bundles[curve_name], lengths, tok)
+        report["curve"] = curve(args, server, gguf, curve_name, bundles, lengths, tok)
         report["curve"]["bundle"] = curve_name
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -297,8 +315,8 @@ def print_load(report: dict, names: list[str]) -> None:
             f"{x['tpot'].get('p50', float('nan')) * 1000:.1f} ms" for c, x in lv.items()))
 
 
-def curve(args: argparse.Namespace, server: Path, gguf: Path, bundle: Path,
-          lengths: list[int], tok) -> dict:
+def curve(args: argparse.Namespace, server: Path, gguf: Path, name: str,
+          bundles: dict[str, Path], lengths: list[int], tok) -> dict:
     """Both servers with room for one sequence of the longest context; the slope is the
     least-squares ms of TPOT per 1,000 tokens of context."""
     import numpy as np
@@ -317,10 +335,11 @@ def curve(args: argparse.Namespace, server: Path, gguf: Path, bundle: Path,
                       "-c", str(need + 64), "--host", "127.0.0.1", "--port", str(port)],
                      f"http://127.0.0.1:{port}", lengths, corpus, args.seed)
     sock = Path(tempfile.mkdtemp()) / "edgert.sock"
-    print(f"edgert {bundle.name}:", flush=True)
-    ours = run_curve([*EDGERT, "serve", str(bundle), "--socket", str(sock), "--no-verify",
+    print(f"edgert {name}:", flush=True)
+    base, extra = variant(name)
+    ours = run_curve([*EDGERT, "serve", str(bundles[base]), "--socket", str(sock), "--no-verify",
                       "--kv-memory", args.kv_memory or "1GiB", "--max-model-len", str(need),
-                      "--max-num-seqs", "1"], str(sock), lengths, corpus, args.seed)
+                      "--max-num-seqs", "1", *extra], str(sock), lengths, corpus, args.seed)
     shutil.rmtree(sock.parent, ignore_errors=True)
     xs = np.array(lengths, float) / 1000
 

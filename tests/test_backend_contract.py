@@ -183,3 +183,22 @@ def test_no_new_shape_after_warm_up(provider, tiny_bundle):
 def test_unknown_provider_is_a_clear_error(tiny_bundle):
     with pytest.raises(ValueError, match="unknown provider 'npu'"):
         LLM(tiny_bundle, _config("npu"))
+
+
+@pytest.mark.parametrize("spinning", ["step", "on"])
+def test_spinning_modes_change_speed_not_tokens(tiny_bundle, reference, spinning):
+    """ORT's worker threads spinning (within a step, or always) is a scheduling choice: the
+    same greedy tokens as the reference, and the session really carries the setting."""
+    from edgert.runner.ort_backend import session_options
+
+    opts = session_options(BackendConfig(spinning=spinning), tiny_bundle)
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    if spinning == "step":  # the workers stop the moment a run returns
+        assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
+    cfg = _config("cpu")
+    cfg.backend = BackendConfig(spinning=spinning, threads=2)
+    llm = LLM(tiny_bundle, cfg)
+    for prompt, completion in zip(PROMPTS, llm.generate(PROMPTS, GREEDY)):
+        assert completion.token_ids == reference[tuple(prompt)][0]
+    with pytest.raises(ValueError, match="spinning must be one of off, step, on"):
+        BackendConfig(spinning="yes")

@@ -585,22 +585,34 @@ def test_export_cli_prints_the_summary_and_applies_the_gate(tiny_ckpts, tmp_path
 
 
 def test_in_place_kv_write_is_the_same_graph_faster(tiny_ckpts, tmp_path):
-    """`--kv-write in-place`: TensorScatter (opset 24) instead of ScatterND, and every logit
-    bit-identical to the ScatterND graph's, through prefill and decode on the paged pool."""
+    """`--kv-write in-place` (the default over a float16 pool): TensorScatter (opset 24)
+    instead of ScatterND, writing into the widened past, and every logit bit-identical to the
+    ScatterND graph's, through prefill and decode on the paged pool."""
     import onnx
 
     ckpts, calib = tiny_ckpts
     ids = [int(t) for t in np.random.default_rng(6).integers(0, VOCAB, size=30)]
     out = {}
-    for mode in ("scatter", "in-place"):
-        qcfg = QuantConfig(precision="int8", kv_write=mode,
+    for mode in ("scatter", "auto"):
+        qcfg = QuantConfig(precision="int8", kv_write=mode, kv_dtype="float16",
                            calib=CalibConfig(source=calib, samples=8, seqlen=64))
         bundle = Bundle.load(write_bundle(ckpts["qwen2"], tmp_path / mode, progress=False,
                                           quant=qcfg))
-        ops = {n.op_type for n in onnx.load(str(bundle.model_path)).graph.node}
-        assert ("TensorScatter" in ops) == (mode == "in-place") != ("ScatterND" in ops)
-        assert bundle.graph["opset"] == (24 if mode == "in-place" else 21)
+        graph = onnx.load(str(bundle.model_path)).graph
+        ops = {n.op_type for n in graph.node}
+        assert ("TensorScatter" in ops) == (mode == "auto") != ("ScatterND" in ops)
+        assert bundle.graph["opset"] == (24 if mode == "auto" else 21)
+        if mode == "auto":  # it writes into the Cast's fresh float32 buffer, never the gather's
+            made = {o: n.op_type for n in graph.node for o in n.output}
+            assert {made[n.input[0]] for n in graph.node if n.op_type == "TensorScatter"} == {
+                "Cast"}
         out[mode] = _logits(bundle, ids)
-    np.testing.assert_array_equal(out["in-place"], out["scatter"])
+    np.testing.assert_array_equal(out["auto"], out["scatter"])
+    # where it does not apply, auto is ScatterND and asking for it is refused
+    assert not QuantConfig(precision="int8").in_place_kv  # a float32 pool
+    assert not QuantConfig(precision="int8", flavour="portable", kv_dtype="float16").in_place_kv
+    assert not QuantConfig(precision="fp32", kv_dtype="float16").in_place_kv
     with pytest.raises(ValueError, match="cpu flavours"):
         QuantConfig(precision="int8", flavour="portable", kv_write="in-place")
+    with pytest.raises(ValueError, match="needs --kv-dtype float16"):
+        QuantConfig(precision="int8", kv_write="in-place")

@@ -48,9 +48,11 @@ def session_options(config: BackendConfig, bundle: Bundle) -> ort.SessionOptions
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[config.optimization]
-    spin = "1" if config.allow_spinning else "0"
+    spin = "0" if config.spinning == "off" else "1"
     opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
     opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    if config.spinning == "step":  # the workers stop spinning the moment a run returns
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     for key, value in (bundle.graph.get("ort_session_config") or {}).items():
         opts.add_session_config_entry(key, str(value))
     return opts
