@@ -19,9 +19,10 @@ class BackendConfig:
     # provider with the pool on the GPU; tensorrt-native: TensorRT with the board's plan.
     provider: str = "cpu"
     threads: int = 0  # intra-op threads; 0 = one per physical core (ORT's default)
-    # ORT's worker threads between ops: "off" sleeps (a futex wake-up per parallel op: ~1,500 a
-    # step), "step" spins while a step runs and stops when it returns (the event loop and the
-    # tokenizer get the cores between steps), "on" spins always (starves them on 2 cores).
+    # ORT's worker threads between ops: "off" sleeps (a futex wake-up per op ORT splits across
+    # the cores: ~180 a SmolLM2 decode step), "step" spins while a step runs and stops when it
+    # returns (the event loop and the tokenizer get the cores between steps), "on" spins always
+    # (starves them on 2 cores).
     # Measured in scripts/bench_spinning.py and bench_vs_llamacpp.py; see the README.
     spinning: str = "off"
     optimization: str = "all"  # basic | extended | all

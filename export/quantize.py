@@ -9,10 +9,11 @@ block size actually used, symmetry, zero-point kind, scale dtype, activation han
 so the runtime and a TensorRT builder read the scheme instead of guessing it.
 
 Defaults, each chosen by measurement on SmolLM2-135M (perplexity on held-out text vs fp32):
-- int8 cpu: GPTQ weights in blocks of 32 with SmoothQuant (alpha 0.75) through MatMulNBits'
-  8-bit kernel, activations quantized per row and block. The issue's per-channel weights with
-  per-row activation scales (MatMulInteger, `int8_kernel="rows"`) measured +0.3% to +4.6% and
-  95-96% top-1 agreement depending on smoothing/GPTQ, blocks +0.5% and 97.7%.
+- int8 cpu: GPTQ weights in blocks of 32 (64: 0.9x the step time, a little less accurate) with
+  SmoothQuant (alpha 0.75) through MatMulNBits' 8-bit kernel, activations quantized per row and
+  block. The issue's per-channel weights with per-row activation scales (MatMulInteger,
+  `int8_kernel="rows"`) measured +0.3% to +4.6% and 95-96% top-1 agreement depending on
+  smoothing/GPTQ, blocks +0.5% and 97.7%.
 - int8 portable: W8A8 with static per-tensor activation scales (TensorRT's int8 GEMM) where that
   works, W8A16 for the down projection and the LM head (see `weight_only`).
 - fp16 and the portable flavours are float16 graphs (graph.py: float16 activations and KV pool,
@@ -82,6 +83,9 @@ class QuantConfig:
     # the kernel. "rows": per-channel weights, per-row activation scales, u8u8 MatMulInteger:
     # faster at batch >= 16 and in prefill, but measurably less accurate on SmolLM2 (README).
     int8_kernel: str = "blocks"
+    # 32 by default; 64 is faster (SmolLM2 int8, float16 pool, Zen 4: graph steps 0.88-0.90x
+    # the time, perplexity +0.26% instead of +0.20%, top-1 97.44% instead of 97.53%; with a
+    # float32 pool +0.35% and 97.30%, near the 97% gate, and unmeasured on AVX2; 128: 97.03%)
     int8_block: int = 32
     # The KV pools' dtype: "auto" = the activation dtype; float16 halves a float32 graph's pool
     # (graph.py rounds the new K/V before attention, so batch invariance holds)

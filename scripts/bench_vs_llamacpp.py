@@ -39,6 +39,8 @@ EXPORTS = {  # bundle flavour -> `edgert export` precision arguments
     "int8kv16": ["--precision", "int8", "--kv-dtype", "float16"],
     "int4kv16": ["--precision", "int4", "--group-size", "32", "--asymmetric",
                  "--kv-dtype", "float16"],
+    # int8kv16 with blocks of 64 inputs per scale instead of 32
+    "int8kv16b64": ["--precision", "int8", "--kv-dtype", "float16", "--int8-block", "64"],
     # int8kv16 with the K/V placed by ScatterND instead of in place (--kv-write)
     "int8kv16sc": ["--precision", "int8", "--kv-dtype", "float16", "--kv-write", "scatter"],
 }

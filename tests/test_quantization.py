@@ -318,6 +318,7 @@ ALL_CONFIGS = [
     ("int8-portable", dict(precision="int8", flavour="portable")),
     ("int4-asym-cpu", dict(precision="int4", flavour="cpu", symmetric=False)),
     ("int4-sym-portable-g128", dict(precision="int4", flavour="portable", group_size=128)),
+    ("int8-cpu-b64", dict(precision="int8", flavour="cpu", int8_block=64)),
 ]
 
 
@@ -359,6 +360,10 @@ def test_quantized_bundle_structure_and_manifest(label, kw, tiny_ckpts, tmp_path
                 assert info["in"] % info["block_size"] == 0 and info["k_padded"] == info["in"]
             else:
                 assert info["block_size"] == kw.get("group_size", 32)
+        elif kw["flavour"] == "cpu" and kw.get("int8_kernel", "blocks") == "blocks":
+            assert info["block_size"] == kw.get("int8_block", 32)
+    if m["precision"] == "int8" and kw["flavour"] == "cpu":  # the table stays on Q8_0's grid
+        assert layers["model.embed_tokens.weight"]["block_size"] == 32
     if kw["flavour"] == "portable" and kw.get("group_size") == 128:
         assert layers["model.layers.0.mlp.down_proj.weight"]["block_size"] == 112
         assert layers["model.layers.0.self_attn.o_proj.weight"]["block_size"] == 64
@@ -372,8 +377,10 @@ def test_asymmetric_portable_is_refused():
         QuantConfig(precision="int4", flavour="portable", symmetric=False)
 
 
-@pytest.mark.parametrize("label,kw", ALL_CONFIGS[:2] + ALL_CONFIGS[3:4],
-                         ids=[c[0] for c in ALL_CONFIGS[:2] + ALL_CONFIGS[3:4]])
+BATCHED = ALL_CONFIGS[:2] + ALL_CONFIGS[3:4] + ALL_CONFIGS[5:]
+
+
+@pytest.mark.parametrize("label,kw", BATCHED, ids=[c[0] for c in BATCHED])
 def test_batched_equals_sequential_on_quantized_bundles(label, kw, tiny_ckpts, tmp_path):
     """The batcher runs quantized bundles unchanged, and a sequence's tokens do not depend on
     what else is in its batch (activation scales are per row, never per tensor)."""
