@@ -426,8 +426,7 @@ class DecoderGraphBuilder:
             q, k, v = b.op("Split", self.rope(qkv, *self._qkv_rope), split, axis=2, outputs=3)
         # k [S, T, kvh, d] (rotated) and v are what goes into the pool, in the pool's dtype:
         # rounded before they join the past (module docstring), returned as new_kv
-        widen = self.kv != self.act
-        if widen:
+        if self.kv != self.act:
             k, v = self.cast(k, self.kv), self.cast(v, self.kv)
 
         # Queries grouped per KV head, the g heads' rows stacked: [S, kvh, g*T, d], pre-scaled
@@ -468,8 +467,8 @@ class DecoderGraphBuilder:
                 self._scatter_at, self._key_mask = self._key_positions(k_blocks, zero, one)
         heads_first = [0, 2, 1, 3]  # [S, T, kvh, d] -> [S, kvh, T, d]: only this step's tokens
         flat = b.const(np.array([0, 0, -1, d], np.int64))
-        k_all, v_all = (self._place(blocks, b.op("Transpose", new, perm=heads_first), flat,
-                                    widen) for blocks, new in ((k_blocks, k), (v_blocks, v)))
+        k_all, v_all = (self._place(blocks, b.op("Transpose", new, perm=heads_first), flat)
+                        for blocks, new in ((k_blocks, k), (v_blocks, v)))
         if layer == 0 and self.in_place_kv:
             _, self._key_mask = self._key_positions(k_all, zero, one)
         kp = b.op("Transpose", k_all, perm=[0, 1, 3, 2])  # [S, kvh, d, P]: ORT fuses it
@@ -497,13 +496,14 @@ class DecoderGraphBuilder:
         out = self.linear(o, w[p + "o_proj.weight"].T, p + "o_proj.weight")
         return out, k, v
 
-    def _place(self, blocks: str, new: str, flat: str, widen: bool) -> str:
+    def _place(self, blocks: str, new: str, flat: str) -> str:
         """The gathered past [S, kvh, B, bs, d] with the step's K or V [S, kvh, T, d] at
         positions context_len .. context_len + T - 1 -> [S, kvh, P, d], in the activation
         dtype (a float16 pool is widened for the float32 GEMMs). The same values land in the
         same places either way; TensorScatter writes them into a buffer where ScatterND first
         copies it (a third of the past's traffic at long contexts)."""
         b = self.b
+        widen = self.kv != self.act
         if self.in_place_kv:
             past = b.op("Reshape", blocks, flat)
             if widen:
