@@ -28,6 +28,7 @@ float16 blocks (the new K/V scattered in) are widened to float32 once, for the G
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -109,10 +110,57 @@ class _Builder:
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=base, **attrs))
         return outs[0] if outputs == 1 else outs
 
+    def fold_scale_chains(self, keep: set[str]) -> int:
+        """Mul(Mul(a, C1), C2) with constant C1, C2 -> Mul(a, C1 * C2) when the inner product
+        feeds nothing else (and is not in `keep`, the graph outputs). An RMSNorm's weight
+        followed by SmoothQuant's 1/s becomes one weight that ORT's fused norm takes in: each
+        Mul left costs about 10 us at decode whatever its size (measured: 120 fewer Muls made a
+        SmolLM2 int8 step 0.91x as long). Returns the number folded."""
+        consts = {t.name: t for t in self.initializers}
+        made = {o: n for n in self.nodes for o in n.output}
+        uses = collections.Counter(i for n in self.nodes for i in n.input)
+
+        def split(n: onnx.NodeProto) -> tuple[str, str] | None:  # (tensor, constant)
+            if n.op_type != "Mul" or len(n.input) != 2:
+                return None
+            a, c = n.input
+            if a in consts:
+                a, c = c, a
+            return (a, c) if c in consts and a not in consts else None
+
+        dropped: set[int] = set()
+        orphans: set[str] = set()
+        for n in self.nodes:
+            outer = split(n)
+            inner_node = made.get(outer[0]) if outer else None
+            inner = split(inner_node) if inner_node is not None else None
+            if not inner or uses[outer[0]] != 1 or outer[0] in keep:
+                continue
+            c1, c2 = (numpy_helper.to_array(consts[c]) for c in (inner[1], outer[1]))
+            if c1.dtype != c2.dtype:
+                continue
+            name = self.const((c1 * c2).astype(c1.dtype), self._name(inner[1] + ".scaled"))
+            consts[name] = self.initializers[-1]
+            n.input[:] = [inner[0], name]
+            made.update({o: n for o in n.output})
+            dropped.add(id(inner_node))
+            uses[name] += 1
+            for c in (inner[1], outer[1]):
+                uses[c] -= 1
+                if uses[c] == 0:
+                    orphans.add(c)
+        self.nodes = [n for n in self.nodes if id(n) not in dropped]
+        self.initializers = [t for t in self.initializers if t.name not in orphans]
+        return len(dropped)
+
 
 class DecoderGraphBuilder:
     """Emits the decoder for one checkpoint. `linear` is the hook quantization overrides: it
     receives the float weight [in, out] and returns the output name of x @ W."""
+
+    # Constant scales merged into the weights before them (_Builder.fold_scale_chains and the
+    # quantizer's down_proj smoothing): False only to see what folding changes.
+    fold_scales = True
 
     def __init__(self, ckpt: Checkpoint, progress: Callable[[int], None] | None = None,
                  dtype: str = "float32", kv_dtype: str | None = None):
@@ -288,6 +336,8 @@ class DecoderGraphBuilder:
             helper.make_tensor_value_info(IO.new_kv, self.kv,
                                           [cfg.num_layers, 2, "S", "T", kvh, d]),
         ]
+        if self.fold_scales:
+            b.fold_scale_chains({o.name for o in outputs})
         graph = helper.make_graph(b.nodes, "edgert_paged_decoder", inputs, outputs,
                                   initializer=b.initializers, value_info=b.value_info)
         model = helper.make_model(

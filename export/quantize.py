@@ -235,6 +235,7 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
         self.layers: dict[str, dict[str, Any]] = {}
         self.quantized: dict[str, QuantizedWeight] = {}  # what the graph computes with
         self._table: dict[str, Any] | None = None  # the int8 embedding table, if shared
+        self._folded: dict[str, np.ndarray] = {}  # down_proj -> its smoothing, in up's rows
 
     # ---- helpers -------------------------------------------------------------------------
     def _stats(self, name: str):
@@ -314,9 +315,17 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
         return (rounded, False) if rounded > 0 else (SCALE_FLOOR[self.dtype], True)
 
     def _emit(self, x: str, w: np.ndarray, name: str, precision: str, rank: int,
-              out: str | None = None, allow_smooth: bool = True) -> str:
-        """x @ w.T for w [out, in] at `precision`, recording the layer's scheme."""
+              out: str | None = None, allow_smooth: bool = True,
+              row_scale: np.ndarray | None = None) -> str:
+        """x @ w.T for w [out, in] at `precision`, recording the layer's scheme. `row_scale`
+        multiplies output rows after this layer's own smoothing is chosen from `w`."""
         q, ops, b = self.q, self.ops, self.b
+        smooth = None
+        if precision == "int8" and allow_smooth:
+            smooth = self._folded.get(name)
+            smooth = self._smoothing(name, w) if smooth is None else smooth
+        if row_scale is not None:
+            w = w * row_scale[:, None]
         if precision == "fp32":
             self.layers[name] = {"precision": "fp32", "op": "MatMul"}
             wc = b.const(np.ascontiguousarray(w.T, np.float32), name)
@@ -332,9 +341,9 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
             return ops.fp16_matmul(x, np.ascontiguousarray(w.T), name, out)
         method = q.resolved_method
         if precision == "int8":
-            smooth = self._smoothing(name, w) if allow_smooth else None
-            inv = None if smooth is None else b.const(1.0 / smooth, name + ".smooth_inv",
-                                                      self.np_act)
+            folded = name in self._folded  # its input arrives divided by s already
+            inv = None if smooth is None or folded else b.const(
+                1.0 / smooth, name + ".smooth_inv", self.np_act)
             if q.flavour == "cpu" and q.int8_kernel == "blocks":
                 self.opsets[MS_DOMAIN] = 1
                 grid = Grid(8, choose_block(w.shape[1], q.int8_block, "cpu"), True, None,
@@ -347,7 +356,7 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
                     precision="int8", op="MatMulNBits(bits=8)", weight_storage="uint8+128",
                     activation={"bits": 8, "granularity": "per_row_per_block",
                                 "mode": "dynamic", "accuracy_level": 4,
-                                "smoothing": None if smooth is None else {"alpha": q.alpha}})
+                                "smoothing": self._smoothing_manifest(name, smooth)})
                 return y
             qw = self._quantize(name, w, 8, method, smooth)
             if any(p in name for p in q.weight_only_layers):
@@ -370,7 +379,7 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
                 y = ops.int8_static(x, wq, ws, scale, inv, out)
                 op = "QDQ+MatMul"
             if act is not None:
-                act["smoothing"] = None if smooth is None else {"alpha": q.alpha}
+                act["smoothing"] = self._smoothing_manifest(name, smooth)
             self.layers[name] = qw.manifest(
                 precision="int8", op=op, activation=act, scales_clamped=self._clamped(qw),
                 weight_storage="uint8+128" if op == "MatMulInteger" else "int8")
@@ -388,9 +397,34 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
                                         scales_clamped=self._clamped(qw), **extra)
         return y
 
+    def _smoothing_manifest(self, name: str, smooth: np.ndarray | None) -> dict | None:
+        if smooth is None:
+            return None
+        into = name.replace("down_proj", "gate_up_proj") + " (up rows)"
+        return {"alpha": self.q.alpha, **({"folded_into": into} if name in self._folded else {})}
+
+    def _down_smoothing(self, gate_up: str) -> np.ndarray | None:
+        """The MLP's down projection divides its input by s (SmoothQuant). That input is
+        act(gate) * up, linear in up: dividing up's weight rows by s gives the same input
+        without a Mul before the down projection (a kernel fewer per layer; measured with the
+        norms' fold in graph.py). The rows scale whole weight blocks, so up's codes stay."""
+        down = gate_up.replace("gate_up_proj", "down_proj")
+        if not self.fold_scales or self.q.precision != "int8":
+            return None
+        s = self._smoothing(down, self.ckpt.weight(down))
+        if s is not None:
+            self._folded[down] = s
+        return s
+
     # ---- the hooks ------------------------------------------------------------------------
     def linear(self, x: str, weight_t: np.ndarray, name: str) -> str:
-        return self._emit(x, np.ascontiguousarray(weight_t.T), name, self.q.precision, rank=3)
+        w = np.ascontiguousarray(weight_t.T)
+        rows = None
+        if name.endswith("mlp.gate_up_proj.weight"):
+            s = self._down_smoothing(name)
+            if s is not None:  # [gate; up] rows: up's divided by the down projection's s
+                rows = np.concatenate([np.ones(len(w) - len(s), np.float32), 1.0 / s])
+        return self._emit(x, w, name, self.q.precision, rank=3, row_scale=rows)
 
     def _shared_table(self) -> bool:
         q = self.q

@@ -42,6 +42,11 @@ EXPORTS = {  # bundle flavour -> `edgert export` precision arguments
                  "--kv-dtype", "float16"],
     # int8kv16 with blocks of 64 inputs per scale instead of 32
     "int8kv16b64": ["--precision", "int8", "--kv-dtype", "float16", "--int8-block", "64"],
+    # int4 with MatMulNBits' own uint8 zero points instead of a float minimum: no second GEMM
+    "int4kv16z": ["--precision", "int4", "--group-size", "32", "--asymmetric", "--zero-point",
+                  "int", "--kv-dtype", "float16"],
+    "int4kv16g64z": ["--precision", "int4", "--group-size", "64", "--asymmetric",
+                     "--zero-point", "int", "--kv-dtype", "float16"],
     # int8kv16 with the K/V placed by ScatterND instead of in place (--kv-write)
     "int8kv16sc": ["--precision", "int8", "--kv-dtype", "float16", "--kv-write", "scatter"],
 }

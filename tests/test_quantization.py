@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from edgert.bundle import Bundle
 from edgert.engine import LLM
@@ -623,3 +623,59 @@ def test_in_place_kv_write_is_the_same_graph_faster(tiny_ckpts, tmp_path):
         QuantConfig(precision="int8", flavour="portable", kv_write="in-place")
     with pytest.raises(ValueError, match="needs --kv-dtype float16"):
         QuantConfig(precision="int8", kv_write="in-place")
+
+
+@pytest.mark.parametrize("flavour", ["cpu", "portable"])
+def test_smoothing_folds_into_the_weights_before_it(flavour, tiny_ckpts, tmp_path,
+                                                    monkeypatch):
+    """SmoothQuant's 1/s is folded into the weights before each projection: the RMSNorm's
+    weight before qkv and gate_up (graph.py's fold_scale_chains), up's rows before down
+    (quantize.py); only o_proj keeps its Mul. The same function: up's codes unchanged and its
+    scales divided by s, and the logits as close to the float model's as unfolded (they
+    differ from the unfolded graph's only where an int8 activation rounds the other way)."""
+    from export.graph import DecoderGraphBuilder
+
+    ckpts, calib = tiny_ckpts
+    ckpt = ckpts["llama"]
+    ids = [int(t) for t in np.random.default_rng(8).integers(0, VOCAB, size=30)]
+    qcfg = QuantConfig(precision="int8", flavour=flavour,
+                       calib=CalibConfig(source=calib, samples=8, seqlen=64))
+    out, weights, layers = {}, {}, ckpt.config.num_layers
+    for fold in (False, True):
+        monkeypatch.setattr(DecoderGraphBuilder, "fold_scales", fold)
+        qg = build_quantized(ckpt, qcfg)
+        weights[fold] = qg.weights
+        graph = qg.model.graph
+        inits = {t.name for t in graph.initializer}
+        made = {o: n for n in graph.node for o in n.output}
+        smooth_muls = [n for n in graph.node if n.op_type == "Mul"
+                       and any(i.endswith(".smooth_inv") for i in n.input)]
+        kinds = sorted(next(i for i in n.input if i in inits).split(".")[-3]
+                       for n in smooth_muls)
+        want = ["o_proj"] if fold else ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+        assert kinds == sorted(want * layers)
+
+        by_const = {n.output[0] for n in graph.node  # Muls of a tensor by a constant
+                    if n.op_type == "Mul" and len(set(n.input) & inits) == 1}
+        chains = [o for o in by_const if any(i in by_const for i in made[o].input)]
+        assert bool(chains) != fold  # a norm's weight, then 1/s: merged when folded
+        if not fold:
+            inv_s = {t.name: t for t in graph.initializer}
+        bundle = Bundle.load(write_bundle(ckpt, tmp_path / f"{fold}", progress=False,
+                                          quant=qcfg))
+        out[fold] = _logits(bundle, ids)
+    for layer in range(layers):  # gate's rows unchanged; up's the same weights divided by s
+        p = f"model.layers.{layer}.mlp."
+        a, b = weights[False][p + "gate_up_proj.weight"], weights[True][p + "gate_up_proj.weight"]
+        inter = a.n // 2
+        np.testing.assert_array_equal(a.codes[:inter], b.codes[:inter])
+        np.testing.assert_array_equal(a.scale[:inter], b.scale[:inter])
+        inv = numpy_helper.to_array(inv_s[p + "down_proj.weight.smooth_inv"])
+        want = a.dequantize()[inter:] * inv[:, None]
+        step = np.abs(want).max(axis=1, keepdims=True) / 127  # one int8 code of each row
+        assert (np.abs(b.dequantize()[inter:] - want) <= 4 * step).all()
+    ref = _logits(Bundle.load(write_bundle(ckpt, tmp_path / "fp32", progress=False)), ids)
+    err = {fold: float(np.abs(out[fold] - ref).max()) for fold in out}
+    print(f"{flavour}: max |logit error| vs fp32 unfolded {err[False]:.3f} folded "
+          f"{err[True]:.3f}; between them {np.abs(out[True] - out[False]).max():.3f}")
+    assert err[True] <= 1.5 * err[False]
