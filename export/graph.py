@@ -190,6 +190,9 @@ class DecoderGraphBuilder:
         # The step's K/V join the gathered past through ScatterND (portable) or in place
         # through TensorScatter (set with opset CPU_OPSET by the cpu flavour)
         self.in_place_kv = False
+        # RoPE as one RotaryEmbedding (opset 23) per layer instead of eight elementwise kernels
+        # (set with opset CPU_OPSET by the cpu flavour: TensorRT 10 reads opsets <= 21)
+        self.fused_rope = False
         self._progress = progress or (lambda _n: None)
         self._axis_last = self.b.const(np.array([-1], np.int64), "axes_last")
 
@@ -251,11 +254,15 @@ class DecoderGraphBuilder:
             y = self.cast(y, self.act)
         return b.op("Mul", y, w)
 
-    def rope(self, x: str, cos: str, sin: str) -> str:
+    def rope(self, x: str, cos: str, sin: str, heads: int | None = None) -> str:
         """HF rotate-half RoPE on x [S, T, heads, d] with cos/sin [S, T, 1, r/2]: the first r
-        dims rotate (r = d but for a partial rotary factor), the rest pass through."""
+        dims rotate (r = d but for a partial rotary factor), the rest pass through. Fused, x
+        is [S, T, heads * d] and cos/sin [S, T, r/2] (`heads` given)."""
         b = self.b
         r, d = self.cfg.rope_dims, self.cfg.head_dim
+        if heads is not None:
+            return b.op("RotaryEmbedding", x, cos, sin, num_heads=heads,
+                        **({"rotary_embedding_dim": r} if r < d else {}))
         if r < d:
             x1, x2, rest = b.op("Split", x, b.const(np.array([r // 2, r // 2, d - r], np.int64)),
                                 axis=-1, outputs=3)
@@ -287,7 +294,10 @@ class DecoderGraphBuilder:
         x = self.scale_embedding(self.embedding(IO.input_ids))
 
         cos, sin = self._rope_tables()
-        if not cfg.qk_norm:
+        if self.fused_rope:  # RotaryEmbedding's cos/sin: [S, T, r/2], one row per token
+            two = b.const(np.array([2], np.int64))
+            cos, sin = b.op("Squeeze", cos, two), b.op("Squeeze", sin, two)
+        elif not cfg.qk_norm:
             # cos/sin over the fused q, k, v heads [S, T, heads, d/2]: v's heads get cos 1 and
             # sin 0, which leave them exactly as they are (x*1 - y*0 = x), so one RoPE serves
             # the whole QKV projection.
@@ -465,14 +475,26 @@ class DecoderGraphBuilder:
                                    w[p + "v_proj.bias"]])
             qkv = b.op("Add", qkv, b.const(bias, p + "qkv_proj.bias", self.np_act))
         split = b.const(np.array([nh, kvh, kvh], np.int64))
-        qkv = b.op("Reshape", qkv, b.const(np.array([0, 0, nh + 2 * kvh, d], np.int64)))
-        if cfg.qk_norm:  # per-head norms of q and k (not v) come before RoPE
+        heads = b.const(np.array([0, 0, -1, d], np.int64))  # [S, T, heads * d] -> heads, d
+        if self.fused_rope and not cfg.qk_norm:  # q and k rotated together, then split
+            qk, v = b.op("Split", qkv, b.const(np.array([(nh + kvh) * d, kvh * d], np.int64)),
+                         axis=-1, outputs=2)
+            qk = b.op("Reshape", self.rope(qk, cos, sin, heads=nh + kvh), heads)
+            q, k = b.op("Split", qk, b.const(np.array([nh, kvh], np.int64)), axis=2, outputs=2)
+            v = b.op("Reshape", v, heads)
+        elif cfg.qk_norm:  # per-head norms of q and k (not v) come before RoPE
+            qkv = b.op("Reshape", qkv, heads)
             q, k, v = b.op("Split", qkv, split, axis=2, outputs=3)  # [S, T, heads, d]
             q = self.rms_norm(q, w[p + "q_norm.weight"], p + "q_norm.weight")
             k = self.rms_norm(k, w[p + "k_norm.weight"], p + "k_norm.weight")
-            q = self.rope(q, cos, sin)
-            k = self.rope(k, cos, sin)
+            if self.fused_rope:
+                flat = b.const(np.array([0, 0, -1], np.int64))
+                q, k = (b.op("Reshape", self.rope(b.op("Reshape", x, flat), cos, sin,
+                                                  heads=n), heads) for x, n in ((q, nh), (k, kvh)))
+            else:
+                q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         else:  # one RoPE over all heads, v's with the identity rotation: 8 kernels, not 16
+            qkv = b.op("Reshape", qkv, heads)
             q, k, v = b.op("Split", self.rope(qkv, *self._qkv_rope), split, axis=2, outputs=3)
         # k [S, T, kvh, d] (rotated) and v are what goes into the pool, in the pool's dtype:
         # rounded before they join the past (module docstring), returned as new_kv

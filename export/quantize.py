@@ -230,8 +230,8 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
         self.calibration = calibration
         self.ops = QuantOps(self.b, qcfg.accuracy_level, act=self.act)
         assert not (self.float16 and qcfg.graph_flavour == "cpu"), "cpu kernels are float32"
-        if qcfg.in_place_kv:  # ORT only: the K/V placed in place (graph.py)
-            self.in_place_kv, self.opsets[""] = True, CPU_OPSET
+        if qcfg.graph_flavour == "cpu":  # ORT only: fused RoPE, the K/V placed in place
+            self.fused_rope, self.in_place_kv, self.opsets[""] = True, qcfg.in_place_kv, CPU_OPSET
         self.layers: dict[str, dict[str, Any]] = {}
         self.quantized: dict[str, QuantizedWeight] = {}  # what the graph computes with
         self._table: dict[str, Any] | None = None  # the int8 embedding table, if shared
@@ -593,7 +593,7 @@ def build_quantized(ckpt: Checkpoint, qcfg: QuantConfig, calibration: Calibratio
                                     else None, progress)
     model = builder.build()
     domains = sorted(builder.opsets)
-    assert builder.opsets[""] == (CPU_OPSET if builder.in_place_kv else OPSET)
+    assert builder.opsets[""] == (CPU_OPSET if qcfg.graph_flavour == "cpu" else OPSET)
     qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
     return QuantizedGraph(model, qcfg.precision, qcfg.graph_flavour, domains,
                           builder.manifest() if qcfg.precision != "fp32" else None,

@@ -249,7 +249,7 @@ def tiny_ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("tinyq")
     out = {}
     for arch, tie in (("llama", True), ("qwen2", False), ("gemma2", True),
-                      ("phi3-partial", False)):
+                      ("phi3-partial", False), ("qwen3", False)):
         _, path = make_tiny(arch, root / arch, tie=tie)
         out[arch] = load_source(path)
     calib = root / "calib.txt"
@@ -277,15 +277,17 @@ WEIGHT_ONLY = [
 ]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "phi3-partial"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "phi3-partial", "qwen3"])
 @pytest.mark.parametrize("label,kw", WEIGHT_ONLY, ids=[c[0] for c in WEIGHT_ONLY])
 def test_weight_only_graph_equals_its_dequantized_weights(arch, label, kw, tiny_ckpts,
                                                           tmp_path):
     """Every projection's codes, scales, zero points and block layout (hidden 64 and
     intermediate 112: padded blocks in cpu, divisor blocks in portable) through prefill and
     decode on the paged pool. fp32 compute in MatMulNBits (accuracy level 0) so the comparison
-    is exact up to float summation order. The portable graphs have float16 activations: their
-    reference is the float16 graph of the same dequantized weights (exact too). fp16 itself
+    is exact up to float summation order; the cpu graphs' fused RoPE (RotaryEmbedding, after
+    qwen3's q/k norms, partial in phi3) against the reference's elementwise one. The portable
+    graphs have float16 activations: their reference is the float16 graph of the same
+    dequantized weights (exact too). fp16 itself
     is the float16 graph: against the fp32 graph of its float16-rounded weights, within the
     float16 activations' rounding (FP16_LOGIT_RTOL, derived in tests/test_fp16_graph.py)."""
     ckpts, calib = tiny_ckpts
@@ -608,7 +610,7 @@ def test_in_place_kv_write_is_the_same_graph_faster(tiny_ckpts, tmp_path):
         graph = onnx.load(str(bundle.model_path)).graph
         ops = {n.op_type for n in graph.node}
         assert ("TensorScatter" in ops) == (mode == "auto") != ("ScatterND" in ops)
-        assert bundle.graph["opset"] == (24 if mode == "auto" else 21)
+        assert bundle.graph["opset"] == 24  # the cpu flavour: fused RoPE, TensorScatter
         if mode == "auto":  # it writes into the Cast's fresh float32 buffer, never the gather's
             made = {o: n.op_type for n in graph.node for o in n.output}
             assert {made[n.input[0]] for n in graph.node if n.op_type == "TensorScatter"} == {

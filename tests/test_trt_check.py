@@ -515,13 +515,13 @@ def test_cli(tiny, tmp_path):
     assert p.returncode == 0, p.stderr
     assert "PASS  operators" in p.stdout and f"all {len(RULES)} rules passed" in p.stdout
 
-    # the cpu flavour is ORT's: MatMulNBits (com.microsoft) and a UINT8 table Gather
+    # the cpu flavour is ORT's: MatMulNBits (com.microsoft), a UINT8 table Gather, opset 24
     p = edgert(str(tiny["int4-cpu"]), "--json")
     assert p.returncode == 1, p.stderr
     report = json.loads(p.stdout)
     assert report["ok"] is False and report["trt"] == "10.3"
     bad = {r["rule"]: r["findings"] for r in report["rules"] if not r["ok"]}
-    assert sorted(bad) == ["operator-types", "operators"]
+    assert sorted(bad) == ["operator-types", "operators", "opset"]
     assert any("MatMulNBits" in f["message"] for f in bad["operators"])
     assert any(f["message"].startswith("Gather") for f in bad["operator-types"])
 
