@@ -424,7 +424,11 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
             s = self._down_smoothing(name)
             if s is not None:  # [gate; up] rows: up's divided by the down projection's s
                 rows = np.concatenate([np.ones(len(w) - len(s), np.float32), 1.0 / s])
-        return self._emit(x, w, name, self.q.precision, rank=3, row_scale=rows)
+        # o_proj's 1/s would stay a Mul of its own (no weight before it to fold into); the cpu
+        # kernel quantizes activations per block of each row, where smoothing buys little
+        smooth = not (name.endswith("self_attn.o_proj.weight") and self.q.graph_flavour == "cpu")
+        return self._emit(x, w, name, self.q.precision, rank=3, row_scale=rows,
+                          allow_smooth=smooth)
 
     def _shared_table(self) -> bool:
         q = self.q
