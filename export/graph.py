@@ -159,7 +159,9 @@ class DecoderGraphBuilder:
     receives the float weight [in, out] and returns the output name of x @ W."""
 
     # Constant scales merged into the weights before them (_Builder.fold_scale_chains and the
-    # quantizer's down_proj smoothing): False only to see what folding changes.
+    # quantizer's down_proj smoothing), in float32 graphs: False only to see what folding
+    # changes. A float16 graph keeps its Muls: the portable int8 gate (W8A8, static scales)
+    # measured +2.45% with both folds and +2.74% with the norms' alone, against +2.09% unfolded.
     fold_scales = True
 
     def __init__(self, ckpt: Checkpoint, progress: Callable[[int], None] | None = None,
@@ -350,7 +352,7 @@ class DecoderGraphBuilder:
             helper.make_tensor_value_info(IO.new_kv, self.kv,
                                           [cfg.num_layers, 2, "S", "T", kvh, d]),
         ]
-        if self.fold_scales:
+        if self.fold_scales and not self.float16:
             b.fold_scale_chains({o.name for o in outputs})
         graph = helper.make_graph(b.nodes, "edgert_paged_decoder", inputs, outputs,
                                   initializer=b.initializers, value_info=b.value_info)

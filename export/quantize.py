@@ -409,7 +409,7 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
         without a Mul before the down projection (a kernel fewer per layer; measured with the
         norms' fold in graph.py). The rows scale whole weight blocks, so up's codes stay."""
         down = gate_up.replace("gate_up_proj", "down_proj")
-        if not self.fold_scales or self.q.precision != "int8":
+        if not self.fold_scales or self.q.precision != "int8" or self.float16:  # graph.py
             return None
         s = self._smoothing(down, self.ckpt.weight(down))
         if s is not None:

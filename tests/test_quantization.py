@@ -632,10 +632,10 @@ def test_smoothing_folds_into_the_weights_before_it(flavour, tiny_ckpts, tmp_pat
                                                     monkeypatch):
     """SmoothQuant's 1/s is folded into the weights before each projection: the RMSNorm's
     weight before qkv and gate_up (graph.py's fold_scale_chains), up's rows before down
-    (quantize.py); only the portable o_proj keeps its Mul (the cpu flavour does not smooth
-    o_proj). The same function: up's codes unchanged and its scales divided by s, and the
-    logits as close to the float model's as unfolded (they differ from the unfolded graph's
-    only where an int8 activation rounds the other way)."""
+    (quantize.py), in float32 graphs; a float16 (portable) graph keeps every Mul, and the cpu
+    flavour does not smooth o_proj. The same function: up's codes unchanged and its
+    scales divided by s, and the logits as close to the float model's as unfolded (they
+    differ from the unfolded graph's only where an int8 activation rounds the other way)."""
     from export.graph import DecoderGraphBuilder
 
     ckpts, calib = tiny_ckpts
@@ -655,20 +655,24 @@ def test_smoothing_folds_into_the_weights_before_it(flavour, tiny_ckpts, tmp_pat
                        and any(i.endswith(".smooth_inv") for i in n.input)]
         kinds = sorted(next(i for i in n.input if i in inits).split(".")[-3]
                        for n in smooth_muls)
-        want = ["down_proj", "gate_up_proj", "qkv_proj"] if not fold else []
-        want += ["o_proj"] if flavour == "portable" else []  # cpu: o_proj is not smoothed
+        want = ["down_proj", "gate_up_proj", "qkv_proj"]
+        if flavour == "cpu":  # float32 activations fold them; cpu smooths no o_proj
+            want = [] if fold else want
+        else:  # float16 activations keep every Mul (graph.py: DecoderGraphBuilder.fold_scales)
+            want += ["o_proj"]
         assert kinds == sorted(want * layers)
 
         by_const = {n.output[0] for n in graph.node  # Muls of a tensor by a constant
                     if n.op_type == "Mul" and len(set(n.input) & inits) == 1}
         chains = [o for o in by_const if any(i in by_const for i in made[o].input)]
-        assert bool(chains) != fold  # a norm's weight, then 1/s: merged when folded
+        assert bool(chains) != (fold and flavour == "cpu")  # a norm's weight, then 1/s
         if not fold:
             inv_s = {t.name: t for t in graph.initializer}
         bundle = Bundle.load(write_bundle(ckpt, tmp_path / f"{fold}", progress=False,
                                           quant=qcfg))
         out[fold] = _logits(bundle, ids)
-    for layer in range(layers):  # gate's rows unchanged; up's the same weights divided by s
+    for layer in range(layers if flavour == "cpu" else 0):  # gate's rows unchanged; up's the
+        # same weights divided by s
         p = f"model.layers.{layer}.mlp."
         a, b = weights[False][p + "gate_up_proj.weight"], weights[True][p + "gate_up_proj.weight"]
         inter = a.n // 2
