@@ -407,7 +407,8 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
         """The MLP's down projection divides its input by s (SmoothQuant). That input is
         act(gate) * up, linear in up: dividing up's weight rows by s gives the same input
         without a Mul before the down projection (a kernel fewer per layer; measured with the
-        norms' fold in graph.py). The rows scale whole weight blocks, so up's codes stay."""
+        norms' fold in graph.py). A row scales every block of it, so up's codes stay but for
+        the float16 rounding of its scales (a few by one or two steps, after GPTQ)."""
         down = gate_up.replace("gate_up_proj", "down_proj")
         if not self.fold_scales or self.q.precision != "int8" or self.float16:  # graph.py
             return None
