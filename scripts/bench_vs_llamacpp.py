@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -129,10 +128,9 @@ def model_and_bundles(names: list[str]) -> tuple[Path, dict[str, Path]]:
 def _export_stamp(args: list[str]) -> str:
     """What a cached bundle was exported with: its arguments and the exporter's source. A valid
     bundle from an older graph builder or other arguments would be measured as the new one."""
-    h = hashlib.sha256()
-    for path in sorted((ROOT / "export").glob("*.py")):
-        h.update(path.read_bytes())
-    return json.dumps({"args": args, "export": h.hexdigest()[:16]})
+    from export.fingerprint import exporter_fingerprint
+
+    return json.dumps({"args": args, "export": exporter_fingerprint()})
 
 
 def _free_port() -> int:

@@ -30,13 +30,9 @@ def smollm2_gguf(cache_dir: Path) -> Path:
 def _export_fingerprint() -> str:
     """Cached bundles are keyed by the exporter's source, so a change to the graph builder or a
     loader never reuses a stale bundle."""
-    import hashlib
+    from export.fingerprint import exporter_fingerprint
 
-    h = hashlib.sha256()
-    for path in sorted([*(REPO / "export").glob("*.py"), REPO / "edgert" / "bundle.py",
-                        REPO / "edgert" / "runner" / "step_inputs.py"]):
-        h.update(path.read_bytes())
-    return h.hexdigest()[:12]
+    return exporter_fingerprint()
 
 
 @pytest.fixture(scope="session")
