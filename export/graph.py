@@ -153,6 +153,47 @@ class _Builder:
         self.initializers = [t for t in self.initializers if t.name not in orphans]
         return len(dropped)
 
+    def fuse_skip_norms(self, keep: set[str]) -> int:
+        """Add(a, b) followed by the RMSNorm `rms_norm` spells (Pow, ReduceMean, Add eps,
+        Sqrt, Div, Mul by a constant weight) -> one com.microsoft SkipSimplifiedLayerNormalization,
+        whose fourth output is the sum the residual stream goes on with. ORT fuses the norm
+        alone but not the Add before it: 60 kernels of SmolLM2's step. Returns the number fused."""
+        made = {o: n for n in self.nodes for o in n.output}
+        users: dict[str, list[onnx.NodeProto]] = collections.defaultdict(list)
+        for n in self.nodes:
+            for i in n.input:
+                users[i].append(n)
+        consts = {t.name: t for t in self.initializers}
+
+        def only(x: str, op: str) -> onnx.NodeProto | None:
+            us = users.get(x, [])
+            return us[0] if len(us) == 1 and us[0].op_type == op and x not in keep else None
+
+        dropped: set[int] = set()
+        fused = 0
+        for pow_ in [n for n in self.nodes if n.op_type == "Pow"]:
+            add = made.get(pow_.input[0])
+            if add is None or add.op_type != "Add" or any(i in consts for i in add.input):
+                continue
+            mean = only(pow_.output[0], "ReduceMean")
+            eps = mean and only(mean.output[0], "Add")
+            sqrt = eps and only(eps.output[0], "Sqrt")
+            div = sqrt and only(sqrt.output[0], "Div")
+            mul = div and only(div.output[0], "Mul")
+            if (not mul or div.input[0] != add.output[0] or mul.input[1] not in consts
+                    or eps.input[1] not in consts):
+                continue
+            epsilon = float(numpy_helper.to_array(consts[eps.input[1]]))
+            dropped.update(id(n) for n in (add, pow_, mean, eps, sqrt, div))
+            # in the Mul's place: after both inputs of the Add, before every user of its sum
+            self.nodes[self.nodes.index(mul)] = helper.make_node(
+                "SkipSimplifiedLayerNormalization", [*add.input, mul.input[1]],
+                [mul.output[0], "", "", add.output[0]], name=self._name("skip_norm"),
+                domain="com.microsoft", epsilon=epsilon)
+            fused += 1
+        self.nodes = [n for n in self.nodes if id(n) not in dropped]
+        return fused
+
 
 class DecoderGraphBuilder:
     """Emits the decoder for one checkpoint. `linear` is the hook quantization overrides: it
@@ -195,6 +236,9 @@ class DecoderGraphBuilder:
         # RoPE as one RotaryEmbedding (opset 23) per layer instead of eight elementwise kernels
         # (set with opset CPU_OPSET by the cpu flavour: TensorRT 10 reads opsets <= 21)
         self.fused_rope = False
+        # Each residual Add and the RMSNorm after it as one SkipSimplifiedLayerNormalization
+        # (com.microsoft; set by the cpu flavour)
+        self.skip_norms = False
         self._progress = progress or (lambda _n: None)
         self._axis_last = self.b.const(np.array([-1], np.int64), "axes_last")
 
@@ -256,14 +300,14 @@ class DecoderGraphBuilder:
             y = self.cast(y, self.act)
         return b.op("Mul", y, w)
 
-    def rope(self, x: str, cos: str, sin: str, heads: int | None = None) -> str:
+    def rope(self, x: str, cos: str, sin: str, fused: bool = False) -> str:
         """HF rotate-half RoPE on x [S, T, heads, d] with cos/sin [S, T, 1, r/2]: the first r
-        dims rotate (r = d but for a partial rotary factor), the rest pass through. Fused, x
-        is [S, T, heads * d] and cos/sin [S, T, r/2] (`heads` given)."""
+        dims rotate (r = d but for a partial rotary factor), the rest pass through. Fused (one
+        RotaryEmbedding), x is heads first [S, heads, T, d] and cos/sin [S, T, r/2]."""
         b = self.b
         r, d = self.cfg.rope_dims, self.cfg.head_dim
-        if heads is not None:
-            return b.op("RotaryEmbedding", x, cos, sin, num_heads=heads,
+        if fused:
+            return b.op("RotaryEmbedding", x, cos, sin,
                         **({"rotary_embedding_dim": r} if r < d else {}))
         if r < d:
             x1, x2, rest = b.op("Split", x, b.const(np.array([r // 2, r // 2, d - r], np.int64)),
@@ -331,11 +375,16 @@ class DecoderGraphBuilder:
         # Every layer's [S, T, kvh, d] K and V -> [layers, 2, S, T, kvh, d] in three kernels:
         # concatenated along the heads, then moved to the front (a copy of the step's own K/V
         # only). Unsqueezing each and concatenating per layer took 91 (about 10 us each at
-        # decode, whatever their size).
-        stacked = b.op("Concat", *new_kv, axis=2)  # [S, T, layers * 2 * kvh, d]
-        stacked = b.op("Reshape", stacked, b.const(np.array([0, 0, cfg.num_layers, 2, kvh, d],
-                                                            np.int64)))
-        b.op("Transpose", stacked, perm=[2, 3, 0, 1, 4, 5], name=IO.new_kv)
+        # decode, whatever their size). Heads first, they are [S, kvh, T, d].
+        layers = cfg.num_layers
+        if self.fused_rope:  # [S, layers * 2 * kvh, T, d]
+            stacked = b.op("Reshape", b.op("Concat", *new_kv, axis=1),
+                           b.const(np.array([0, layers, 2, kvh, -1, d], np.int64)))
+            b.op("Transpose", stacked, perm=[1, 2, 0, 4, 3, 5], name=IO.new_kv)
+        else:  # [S, T, layers * 2 * kvh, d]
+            stacked = b.op("Reshape", b.op("Concat", *new_kv, axis=2),
+                           b.const(np.array([0, 0, layers, 2, kvh, d], np.int64)))
+            b.op("Transpose", stacked, perm=[2, 3, 0, 1, 4, 5], name=IO.new_kv)
 
         # Only the rows named by logits_indices reach the final norm and the LM head.
         flat = b.op("Reshape", x, b.const(np.array([-1, cfg.hidden_size], np.int64)))
@@ -354,6 +403,8 @@ class DecoderGraphBuilder:
         ]
         if self.fold_scales and not self.float16:
             b.fold_scale_chains({o.name for o in outputs})
+        if self.skip_norms and b.fuse_skip_norms({o.name for o in outputs}):
+            self.opsets.setdefault("com.microsoft", 1)
         graph = helper.make_graph(b.nodes, "edgert_paged_decoder", inputs, outputs,
                                   initializer=b.initializers, value_info=b.value_info)
         model = helper.make_model(
@@ -482,28 +533,28 @@ class DecoderGraphBuilder:
             qkv = b.op("Add", qkv, b.const(bias, p + "qkv_proj.bias", self.np_act))
         split = b.const(np.array([nh, kvh, kvh], np.int64))
         heads = b.const(np.array([0, 0, -1, d], np.int64))  # [S, T, heads * d] -> heads, d
-        if self.fused_rope and not cfg.qk_norm:  # q and k rotated together, then split
-            qk, v = b.op("Split", qkv, b.const(np.array([(nh + kvh) * d, kvh * d], np.int64)),
-                         axis=-1, outputs=2)
-            qk = b.op("Reshape", self.rope(qk, cos, sin, heads=nh + kvh), heads)
-            q, k = b.op("Split", qk, b.const(np.array([nh, kvh], np.int64)), axis=2, outputs=2)
-            v = b.op("Reshape", v, heads)
-        elif cfg.qk_norm:  # per-head norms of q and k (not v) come before RoPE
-            qkv = b.op("Reshape", qkv, heads)
-            q, k, v = b.op("Split", qkv, split, axis=2, outputs=3)  # [S, T, heads, d]
+        qkv = b.op("Reshape", qkv, heads)  # [S, T, heads, d]
+        axis = 2
+        if self.fused_rope:
+            # Heads first from here on, [S, heads, T, d]: one Transpose of the projection
+            # instead of one each for q, k and v (4 kernels fewer per layer); RotaryEmbedding
+            # takes that layout as it is (bit-identical to its [S, T, heads * d] form)
+            qkv, axis = b.op("Transpose", qkv, perm=[0, 2, 1, 3]), 1
+        if cfg.qk_norm:  # per-head norms of q and k (not v) come before RoPE
+            q, k, v = b.op("Split", qkv, split, axis=axis, outputs=3)
             q = self.rms_norm(q, w[p + "q_norm.weight"], p + "q_norm.weight")
             k = self.rms_norm(k, w[p + "k_norm.weight"], p + "k_norm.weight")
-            if self.fused_rope:
-                flat = b.const(np.array([0, 0, -1], np.int64))
-                q, k = (b.op("Reshape", self.rope(b.op("Reshape", x, flat), cos, sin,
-                                                  heads=n), heads) for x, n in ((q, nh), (k, kvh)))
-            else:
-                q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
+            q, k = (self.rope(x, cos, sin, fused=self.fused_rope) for x in (q, k))
+        elif self.fused_rope:  # q and k rotated together, then split
+            qk, v = b.op("Split", qkv, b.const(np.array([nh + kvh, kvh], np.int64)), axis=1,
+                         outputs=2)
+            q, k = b.op("Split", self.rope(qk, cos, sin, fused=True),
+                        b.const(np.array([nh, kvh], np.int64)), axis=1, outputs=2)
         else:  # one RoPE over all heads, v's with the identity rotation: 8 kernels, not 16
-            qkv = b.op("Reshape", qkv, heads)
             q, k, v = b.op("Split", self.rope(qkv, *self._qkv_rope), split, axis=2, outputs=3)
-        # k [S, T, kvh, d] (rotated) and v are what goes into the pool, in the pool's dtype:
-        # rounded before they join the past (module docstring), returned as new_kv
+        # k [S, T, kvh, d] (rotated; [S, kvh, T, d] when heads first) and v are what goes into
+        # the pool, in the pool's dtype: rounded before they join the past (module docstring),
+        # returned as new_kv
         if self.kv != self.act:
             k, v = self.cast(k, self.kv), self.cast(v, self.kv)
 
@@ -512,9 +563,10 @@ class DecoderGraphBuilder:
         # decoding (T = 1): ORT's one-row GEMV sums in another order than its GEMM, so a token
         # decoded and the same token recomputed in a prefill would differ in the last bits. An
         # MHA model (g = 1) gets a zero query row for the same reason.
-        q = b.op("Reshape", q, b.const(np.array([0, 0, kvh, g, d], np.int64)))
-        q = b.op("Transpose", q, perm=[0, 2, 3, 1, 4])  # [S, kvh, g, T, d]
-        q = b.op("Reshape", q, b.const(np.array([0, 0, -1, d], np.int64)))
+        if not self.fused_rope:  # [S, T, nh, d] -> [S, kvh, g, T, d]; heads first already is
+            q = b.op("Reshape", q, b.const(np.array([0, 0, kvh, g, d], np.int64)))
+            q = b.op("Transpose", q, perm=[0, 2, 3, 1, 4])
+        q = b.op("Reshape", q, b.const(np.array([0, kvh, -1, d], np.int64)))
         scale = cfg.attention_scale if cfg.attention_scale is not None else d ** -0.5
         q = b.op("Mul", q, b.const(np.array(scale, self.np_act)))
         if g == 1:
@@ -543,9 +595,8 @@ class DecoderGraphBuilder:
                 self._write_at = b.op("Cast", IO.context_lens, to=TensorProto.INT64)
             else:
                 self._scatter_at, self._key_mask = self._key_positions(k_blocks, zero, one)
-        heads_first = [0, 2, 1, 3]  # [S, T, kvh, d] -> [S, kvh, T, d]: only this step's tokens
         flat = b.const(np.array([0, 0, -1, d], np.int64))
-        k_all, v_all = (self._place(blocks, b.op("Transpose", new, perm=heads_first), flat)
+        k_all, v_all = (self._place(blocks, self._heads_first(new), flat)
                         for blocks, new in ((k_blocks, k), (v_blocks, v)))
         if layer == 0 and self.in_place_kv:
             _, self._key_mask = self._key_positions(k_all, zero, one)
@@ -573,6 +624,11 @@ class DecoderGraphBuilder:
         o = b.op("Reshape", o, b.const(np.array([0, 0, nh * d], np.int64)))
         out = self.linear(o, w[p + "o_proj.weight"].T, p + "o_proj.weight")
         return out, k, v
+
+    def _heads_first(self, x: str) -> str:
+        """[S, T, heads, d] -> [S, heads, T, d] (only this step's tokens); the fused-RoPE graph
+        has that layout from its projection on."""
+        return x if self.fused_rope else self.b.op("Transpose", x, perm=[0, 2, 1, 3])
 
     def _place(self, blocks: str, new: str, flat: str) -> str:
         """The gathered past [S, kvh, B, bs, d] with the step's K or V [S, kvh, T, d] at

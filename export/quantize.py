@@ -230,8 +230,9 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
         self.calibration = calibration
         self.ops = QuantOps(self.b, qcfg.accuracy_level, act=self.act)
         assert not (self.float16 and qcfg.graph_flavour == "cpu"), "cpu kernels are float32"
-        if qcfg.graph_flavour == "cpu":  # ORT only: fused RoPE, the K/V placed in place
+        if qcfg.graph_flavour == "cpu":  # ORT only: fused RoPE and norms, K/V placed in place
             self.fused_rope, self.in_place_kv, self.opsets[""] = True, qcfg.in_place_kv, CPU_OPSET
+            self.skip_norms = True
         self.layers: dict[str, dict[str, Any]] = {}
         self.quantized: dict[str, QuantizedWeight] = {}  # what the graph computes with
         self._table: dict[str, Any] | None = None  # the int8 embedding table, if shared

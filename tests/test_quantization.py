@@ -284,8 +284,10 @@ def test_weight_only_graph_equals_its_dequantized_weights(arch, label, kw, tiny_
     """Every projection's codes, scales, zero points and block layout (hidden 64 and
     intermediate 112: padded blocks in cpu, divisor blocks in portable) through prefill and
     decode on the paged pool. fp32 compute in MatMulNBits (accuracy level 0) so the comparison
-    is exact up to float summation order; the cpu graphs' fused RoPE (RotaryEmbedding, after
-    qwen3's q/k norms, partial in phi3) against the reference's elementwise one. The portable
+    is exact up to float summation order; the cpu graphs' fused RoPE (RotaryEmbedding on the
+    heads-first projection, after qwen3's q/k norms, partial in phi3) and fused norms (each
+    residual Add and the RMSNorm after it as one SkipSimplifiedLayerNormalization, around
+    gemma2's sandwich norms too) against the reference's elementwise ones. The portable
     graphs have float16 activations: their reference is the float16 graph of the same
     dequantized weights (exact too). fp16 itself
     is the float16 graph: against the fp32 graph of its float16-rounded weights, within the
@@ -295,6 +297,11 @@ def test_weight_only_graph_equals_its_dequantized_weights(arch, label, kw, tiny_
     qcfg = QuantConfig(**kw, embedding="fp32", accuracy_level=0,
                        calib=CalibConfig(source=calib, samples=8, seqlen=64))
     qg = build_quantized(ckpt, qcfg)
+    fused = sum(n.op_type == "SkipSimplifiedLayerNormalization" for n in qg.model.graph.node)
+    # every norm but the first layer's (after the embedding) and the final one (after a Gather);
+    # gemma2's output norms too where an Add ends the projection (int4's float minimum)
+    layers = ckpt.config.num_layers
+    assert fused >= 2 * layers - 1 if kw.get("flavour") == "cpu" else fused == 0
     bundle = Bundle.load(write_bundle(ckpt, tmp_path / "q", progress=False, quant=qcfg,
                                       calibration=qg.calibration))
     fp16_dq = kw.get("flavour") == "portable" and kw["precision"] == "int4"
