@@ -1,7 +1,8 @@
 """Raw graph calls of two bundles, interleaved call by call so both see the same machine:
 decode S=1 and S=16 over a 128-token past (--past), a 128-token prefill. Median ms per call and
-the ratio second / first. The pairs alternate which bundle runs first (A B, B A, ...): always
-second, a bundle measured up to 5% faster than when first on a noisy VM. Usage:
+the ratio second / first. The pairs alternate which bundle runs first (A B, B A, ...), but the
+session created second still measured 2-5% faster on a noisy VM (the same bundle twice:
+0.97-0.99x): run it both ways, A B and B A, and take the geometric mean. Usage:
 scripts/bench_graph.py BUNDLE_A BUNDLE_B [--calls 30] [--past 304]. The calls read the null
 block only: the gathers copy B blocks whatever they hold."""
 
