@@ -378,13 +378,12 @@ class DecoderGraphBuilder:
         # decode, whatever their size). Heads first, they are [S, kvh, T, d].
         layers = cfg.num_layers
         if self.fused_rope:  # [S, layers * 2 * kvh, T, d]
-            stacked = b.op("Reshape", b.op("Concat", *new_kv, axis=1),
-                           b.const(np.array([0, layers, 2, kvh, -1, d], np.int64)))
-            b.op("Transpose", stacked, perm=[1, 2, 0, 4, 3, 5], name=IO.new_kv)
+            axis, dims, perm = 1, [0, layers, 2, kvh, -1, d], [1, 2, 0, 4, 3, 5]
         else:  # [S, T, layers * 2 * kvh, d]
-            stacked = b.op("Reshape", b.op("Concat", *new_kv, axis=2),
-                           b.const(np.array([0, 0, layers, 2, kvh, d], np.int64)))
-            b.op("Transpose", stacked, perm=[2, 3, 0, 1, 4, 5], name=IO.new_kv)
+            axis, dims, perm = 2, [0, 0, layers, 2, kvh, d], [2, 3, 0, 1, 4, 5]
+        stacked = b.op("Reshape", b.op("Concat", *new_kv, axis=axis),
+                       b.const(np.array(dims, np.int64)))
+        b.op("Transpose", stacked, perm=perm, name=IO.new_kv)
 
         # Only the rows named by logits_indices reach the final norm and the LM head.
         flat = b.op("Reshape", x, b.const(np.array([-1, cfg.hidden_size], np.int64)))

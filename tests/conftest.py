@@ -27,22 +27,16 @@ def smollm2_gguf(cache_dir: Path) -> Path:
     return pull("smollm2-135m", cache_dir=cache_dir)
 
 
-def _export_fingerprint() -> str:
-    """Cached bundles are keyed by the exporter's source, so a change to the graph builder or a
-    loader never reuses a stale bundle."""
-    from export.fingerprint import exporter_fingerprint
-
-    return exporter_fingerprint()
-
-
 @pytest.fixture(scope="session")
 def smollm2_bundle(cache_dir: Path, smollm2_gguf: Path):
     """The real model exported once per exporter version (fp32), verified on load."""
     from edgert.bundle import Bundle, BundleError
     from export.bundle_writer import write_bundle
+    from export.fingerprint import exporter_fingerprint
     from export.pipeline import load_source
 
-    out = cache_dir / "bundles" / f"smollm2-135m-fp32-{_export_fingerprint()}"
+    # keyed by the exporter's source: a changed graph builder or loader never reuses a bundle
+    out = cache_dir / "bundles" / f"smollm2-135m-fp32-{exporter_fingerprint()}"
     try:
         return Bundle.load(out)
     except BundleError:

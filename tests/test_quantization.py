@@ -428,9 +428,9 @@ class _Calib:
 
 def _smollm2_quantized(cache_dir: Path, ckpt: Checkpoint, key: str,
                        qcfg: QuantConfig) -> Bundle:
-    from tests.conftest import _export_fingerprint
+    from export.fingerprint import exporter_fingerprint
 
-    out = cache_dir / "bundles" / f"smollm2-135m-{key}-{_export_fingerprint()}"
+    out = cache_dir / "bundles" / f"smollm2-135m-{key}-{exporter_fingerprint()}"
     try:
         return Bundle.load(out)
     except Exception:
