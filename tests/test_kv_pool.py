@@ -81,6 +81,36 @@ def test_write_is_visible_through_layer_views_and_views_are_zero_copy() -> None:
     assert pool.nbytes == 2 * 2 * 3 * 4 * 1 * 2 * 4
 
 
+def _mapping_of(a: np.ndarray) -> dict[str, int]:
+    """The kB fields of the /proc/self/smaps entry holding `a`'s first byte."""
+    addr = a.__array_interface__["data"][0]
+    fields: dict[str, int] = {}
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                if inside:
+                    break
+                inside = lo <= addr < hi
+            elif inside and line.rstrip().endswith("kB"):
+                fields[head.rstrip(":")] = int(line.split()[1])
+    return fields
+
+
+def test_pool_is_resident_from_the_start_and_in_small_pages() -> None:
+    """The budget is claimed when the pool is made (no page fault inside a step, and RSS is what
+    months of traffic will make it), and without transparent huge pages (compacting memory for
+    them made claiming 10x slower here, for no measured step gain)."""
+    pool = KVPool(4, 2, 64, 16, 1024, dtype=np.float16)  # 32 MiB
+    m = _mapping_of(pool.data)
+    assert m, "the pool's mapping was not found in /proc/self/smaps"
+    assert m["Rss"] * 1024 >= pool.nbytes, m
+    assert m.get("AnonHugePages", 0) == 0, m
+    assert not pool.data.any() and pool.data.flags.writeable and pool.data.flags.c_contiguous
+
+
 def test_write_rejects_bad_slots_and_shapes() -> None:
     pool = _filled_pool()
     before = pool.data.copy()
