@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgert.sample import sampler
-from edgert.sample.logprobs import logprobs_of
+from edgert.sample.logprobs import logprobs_of, top_sorted
 from edgert.sample.sampler import SamplerRow, apply_penalties, sample, uniforms
 from edgert.sampling_params import SamplingParams
 
@@ -316,6 +316,35 @@ def test_ties_at_the_candidate_boundary_are_exact() -> None:
     p = SamplingParams(top_k=256)
     kept = ref_kept(x, p)[0]
     assert kept.size > 256
+
+
+@pytest.mark.parametrize("v", [1000, 8192, 49152])
+def test_top_sorted_is_the_reference_order_prefix_for_every_kind_of_row(v: int) -> None:
+    """top_sorted's thresholded prefilter against np.lexsort, in one batch mixing smooth rows,
+    huge tie groups, mostly masked rows, and rows built to fool the strided sample both ways
+    (the sampled entries far above the rest, or the top entries all off the sample's grid)."""
+    rng = np.random.default_rng(v)
+    rows = [llm_like(rng, 1, v, zipf=z)[0] for z in (0.6, 1.4)]
+    rows.append(np.round(rows[0] * 2) / 2)  # coarse grid: ties at every boundary
+    masked = np.full(v, -np.inf, dtype=np.float32)
+    masked[rng.choice(v, 40, replace=False)] = rng.standard_normal(40)
+    rows.append(masked)
+    stride = max(1, v // 2048)
+    high_on_grid = rng.standard_normal(v).astype(np.float32)
+    high_on_grid[::stride] += 50.0
+    rows.append(high_on_grid)
+    top_off_grid = rng.standard_normal(v).astype(np.float32)
+    off = np.flatnonzero(np.arange(v) % stride != 0) if stride > 1 else np.arange(v)
+    top_off_grid[rng.choice(off, min(300, off.size), replace=False)] += 50.0
+    rows.append(top_off_grid)
+    x = np.stack(rows).astype(np.float32)
+    ref = np.stack([np.lexsort((np.arange(v), -r)) for r in x])
+    for c in (1, 5, 40, 257, 1000, 4097):
+        if c >= v:
+            continue
+        np.testing.assert_array_equal(top_sorted(x, c), ref[:, :c], err_msg=f"c={c}")
+        for i in range(len(rows)):  # alone equals in the batch
+            np.testing.assert_array_equal(top_sorted(x[i:i + 1], c)[0], ref[i, :c])
 
 
 def test_top_p_never_draws_outside_the_nucleus() -> None:

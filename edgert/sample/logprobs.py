@@ -11,6 +11,7 @@ import numpy as np
 from edgert.outputs import TokenLogprob
 
 _LOW32 = np.uint64(0xFFFFFFFF)
+_SAMPLE = 2048  # entries per row the candidate threshold is estimated from
 
 
 def _desc_keys(vals: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -30,6 +31,36 @@ def _desc_keys(vals: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return keys
 
 
+def _superset(x: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(ids, values) [n, W] holding every row's c largest values, padded with -inf, or None.
+
+    argpartition over a 49k row costs ~0.4 ms, and the sampler asks for a few hundred candidates
+    from 16 rows each step. A threshold from a strided sample of ~2k entries per row keeps ~2c of
+    each row (twice the count the sample predicts, plus a margin) in one vectorised compare, and
+    the exact partition then runs over those. Correctness does not rest on the sample: a row
+    keeping c or more entries at or above its threshold keeps its c largest; if some row keeps
+    fewer (or a row is mostly ties, as in a masked row), the caller partitions the whole rows."""
+    n, v = x.shape
+    stride = v // _SAMPLE
+    if stride < 2 or 8 * c > v or n == 0:
+        return None
+    sub = x[:, ::stride]
+    m = sub.shape[1]
+    j = min(m, 2 * -(-c // stride) + 8)
+    tau = np.partition(sub, m - j, axis=1)[:, m - j]
+    r, col = np.divmod(np.flatnonzero(x >= tau[:, None]), v)  # 1-D: far cheaper than 2-D nonzero
+    counts = np.bincount(r, minlength=n)
+    if counts.min() < c or counts.max() > v // 2:
+        return None
+    width = int(counts.max())
+    pos = np.arange(r.size) - (np.cumsum(counts) - counts)[r]
+    ids = np.zeros((n, width), dtype=np.int64)
+    vals = np.full((n, width), -np.inf, dtype=np.float32)
+    ids[r, pos] = col
+    vals[r, pos] = x[r, col]
+    return ids, vals
+
+
 def top_sorted(x: np.ndarray, c: int) -> np.ndarray:
     """Ids of the first `c` tokens of each row in reference order (value desc, id asc), exactly.
 
@@ -41,7 +72,13 @@ def top_sorted(x: np.ndarray, c: int) -> np.ndarray:
         keys.sort(axis=1)
         keys &= _LOW32
         return keys.view(np.int64)
-    part = np.argpartition(x, v - c, axis=1)[:, v - c :]
+    pre = _superset(x, c)
+    if pre is None:
+        part = np.argpartition(x, v - c, axis=1)[:, v - c :]
+    else:
+        ids, vals = pre
+        w = ids.shape[1]
+        part = np.take_along_axis(ids, np.argpartition(vals, w - c, axis=1)[:, w - c :], axis=1)
     bound = np.take_along_axis(x, part, axis=1).min(axis=1)
     n_ge = np.count_nonzero(x >= bound[:, None], axis=1)
     for r in np.flatnonzero(n_ge > c):
