@@ -55,7 +55,7 @@ def _superset(x: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray] | None:
     width = int(counts.max())
     pos = np.arange(r.size) - (np.cumsum(counts) - counts)[r]
     ids = np.zeros((n, width), dtype=np.int64)
-    vals = np.full((n, width), -np.inf, dtype=np.float32)
+    vals = np.full((n, width), -np.inf, dtype=x.dtype)
     ids[r, pos] = col
     vals[r, pos] = x[r, col]
     return ids, vals
