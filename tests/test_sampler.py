@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgert.sample import sampler
+from edgert.sample import logprobs, sampler
 from edgert.sample.logprobs import logprobs_of, top_sorted
 from edgert.sample.sampler import SamplerRow, apply_penalties, sample, uniforms
 from edgert.sampling_params import SamplingParams
@@ -329,7 +329,7 @@ def test_top_sorted_is_the_reference_order_prefix_for_every_kind_of_row(v: int) 
     masked = np.full(v, -np.inf, dtype=np.float32)
     masked[rng.choice(v, 40, replace=False)] = rng.standard_normal(40)
     rows.append(masked)
-    stride = max(1, v // 2048)
+    stride = max(1, v // logprobs._SAMPLE)  # the grid top_sorted samples on
     high_on_grid = rng.standard_normal(v).astype(np.float32)
     high_on_grid[::stride] += 50.0
     rows.append(high_on_grid)

@@ -126,7 +126,7 @@ class FakeEngine:
     def __init__(self, *, usable_blocks: int, block_size: int, prefix_caching: bool = True,
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 256,
                  max_model_len: int = 2048, max_waiting: int = 256, max_decode_calls: int = 2,
-                 sampler=None) -> None:
+                 pad_lone_decode: bool = False, sampler=None) -> None:
         self.allocator = SpyAllocator(usable_blocks + 1, block_size,
                                       enable_prefix_caching=prefix_caching)
         self.config = SchedulerConfig(
@@ -136,7 +136,7 @@ class FakeEngine:
         self.menu = ShapeMenu(  # as LLMEngine.__init__ builds it
             max_num_seqs=max_num_seqs, token_budget=max_num_batched_tokens,
             max_blocks=min(self.allocator.blocks_needed(max_model_len), usable_blocks),
-            pool_blocks=usable_blocks, block_size=block_size)
+            pool_blocks=usable_blocks, block_size=block_size, pad_lone_decode=pad_lone_decode)
         self.menu_shapes = set(self.menu.all())
         self._seq_ids = itertools.count(1)
         self.scheduler = Scheduler(self.config, self.allocator, self.menu, self._seq_ids.__next__)
@@ -511,17 +511,19 @@ class SchedulerMachine(RuleBasedStateMachine):
     @initialize(
         block_size=st.integers(2, 4), usable=st.integers(4, 24), max_num_seqs=st.integers(1, 6),
         budget=st.integers(4, 32), caching=st.booleans(), decode_calls=st.integers(1, 2),
-        max_model_len=st.integers(24, 64), max_waiting=st.integers(3, 12),
+        pad_lone_decode=st.booleans(), max_model_len=st.integers(24, 64),
+        max_waiting=st.integers(3, 12),
         systems=st.lists(st.lists(tokens, min_size=2, max_size=10), min_size=1, max_size=3),
         first=st.lists(request_specs, min_size=2, max_size=8))
     def setup(self, block_size, usable, max_num_seqs, budget, caching, decode_calls,
-              max_model_len, max_waiting, systems, first) -> None:
+              pad_lone_decode, max_model_len, max_waiting, systems, first) -> None:
         self.draws: list[int] = [1]
         self.cursor = 0
         self.engine = FakeEngine(
             usable_blocks=usable, block_size=block_size, prefix_caching=caching,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len,
-            max_waiting=max_waiting, max_decode_calls=decode_calls, sampler=self._sample)
+            max_waiting=max_waiting, max_decode_calls=decode_calls,
+            pad_lone_decode=pad_lone_decode, sampler=self._sample)
         self.systems = systems
         note(f"pool {usable} x {block_size}, {self.engine.config}, caching {caching}")
         self.submit(first)
@@ -668,6 +670,23 @@ def test_decode_length_classes_split_one_long_sequence_from_short_ones() -> None
 def test_one_decode_call_when_length_classes_are_off() -> None:
     plan = _decode_plan_with_everyone(max_decode_calls=1)
     assert len(plan.calls) == 1 and len(plan.calls[0].rows) == 13, plan.calls[0].shape
+
+
+@pytest.mark.parametrize("usable", [16, 8])
+def test_a_lone_stream_decodes_with_a_padding_token_where_the_menu_asks(usable: int) -> None:
+    """pad_lone_decode (the engine's probe found a one-row kernel path): with
+    max_num_seqs=1, every decode call is one row padded to two tokens, up to a sequence that
+    fills the model length (16 blocks) or the whole pool (8 blocks)."""
+    eng = FakeEngine(usable_blocks=usable, block_size=4, max_num_seqs=1, max_model_len=64,
+                     pad_lone_decode=True)
+    eng.record_plans = True
+    total = 4 * usable
+    eng.submit([1] * 20, _ignore_eos(max_tokens=total - 20))
+    eng.drain()
+    decodes = [call for plan in eng.plans for call in plan.calls if call.is_decode]
+    assert len(decodes) == total - 21
+    assert {(len(c.rows), len(c.rows[0].tokens), c.shape[:2]) for c in decodes} == {(1, 1, (1, 2))}
+    assert max(c.shape[2] for c in decodes) == usable and eng.counts.reasons["length"] == 1
 
 
 def _stale_cow_engine() -> FakeEngine:

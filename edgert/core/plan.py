@@ -38,12 +38,10 @@ class Row:
 class Call:
     rows: tuple[Row, ...]
     shape: Shape  # the padded (S, T, B), always on the ShapeMenu
-
-    @property
-    def is_decode(self) -> bool:
-        """A call that generates for every row: T = 1, or a speculative call (one decoding
-        row with its guesses)."""
-        return self.shape[1] == 1 or any(r.draft for r in self.rows)
+    # Every row generates: T = 1, a speculative call (one decoding row with its guesses), or
+    # one decoding row padded to T = 2 (ShapeMenu.pad_lone_decode); not derivable from the
+    # shape, which a one-token prefill chunk shares.
+    is_decode: bool
 
 
 @dataclass

@@ -270,19 +270,26 @@ class Scheduler:
         if not draft.rows:
             return None
         menu = self.menu
-        span = max(menu.span(r.start, draft.width) for r in draft.rows)
-        if draft.width == 1:
+        decode = draft.width == 1 or any(r.draft for r in draft.rows)
+        width = draft.width
+        if width == 1 and len(draft.rows) == 1 and menu.pad_lone_decode:
+            # A padding token, not a padding row: two rows through every projection, as in a
+            # speculative call's first position, and the past gathered once. Always on the
+            # menu: a row that generates has room for start + 2 tokens.
+            width = 2
+        span = max(menu.span(r.start, width) for r in draft.rows)
+        if width == 1:
             shape = menu.decode_shape(len(draft.rows), span)
             ok = menu.decode_ok(shape)
         else:
-            shape = menu.prefill_shape(len(draft.rows), draft.width, span)
+            shape = menu.prefill_shape(len(draft.rows), width, span)
             ok = menu.prefill_ok(shape)
         if not ok:
             raise AssertionError(f"scheduler bug: call shape {shape} is not on the menu")
         # Tables as the call sees them: each row's own blocks (the call may pad them).
         rows = tuple(replace(r, table=tuple(self.allocator.block_table(r.seq.seq_id)))
                      for r in draft.rows)
-        return Call(rows, shape)
+        return Call(rows, shape, decode)
 
     def _decode_calls(self, seqs: list[Sequence]) -> list[Call]:
         """Decoders grouped by how far back they read: at most `max_decode_calls` length
@@ -309,7 +316,8 @@ class Scheduler:
         for lo, hi in groups:
             while lo < hi:  # the widest slice of the class the menu allows, longest rows last
                 top = hi
-                while not menu.decode_ok(menu.decode_shape(top - lo, spans[top - 1])):
+                while top - lo > 1 and not menu.decode_ok(
+                        menu.decode_shape(top - lo, spans[top - 1])):  # one row always fits
                     top -= 1
                 draft = _Draft([self._row(s, 1) for s in items[lo:top]], 1)
                 calls.append(self._call(draft))

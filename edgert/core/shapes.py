@@ -8,7 +8,11 @@ batches, which run every step).
 
 - decode (T = 1): S and B on the 1.5x ladder (1, 2, 3, 4, 6, 8, 12, ...), with the padded work
   S x B bounded by what the pool can hold (twice its blocks), so one long sequence never pads
-  fifteen short ones: the scheduler splits such a batch by length instead.
+  fifteen short ones: the scheduler splits such a batch by length instead. Where the backend
+  gives a lone row other bits than the same row beside another (a kernel's one-row path; the
+  engine probes this at start), `pad_lone_decode`: no decode call has one row, and a lone
+  decoding row takes a padding token, a (1, 2, B) prefill shape, rather than answer
+  differently from a batched one.
 - prefill: S and T powers of two with S x T within the token budget. Several sequences share a
   call only over short spans (fresh prompts), padded to one width; one sequence has B on the
   1.5x ladder, and over a long past a shorter chunk, its attention work T x B bounded. One
@@ -50,6 +54,7 @@ class ShapeMenu:
     pool_blocks: int  # usable blocks in the pool
     block_size: int
     split_decode: bool = True  # False: one decode call per step, padded to the longest row
+    pad_lone_decode: bool = False  # a lone decoding row takes T = 2 (module docstring)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "token_budget", "max_blocks", "pool_blocks", "block_size"):
@@ -96,8 +101,8 @@ class ShapeMenu:
 
     def decode_ok(self, shape: Shape) -> bool:
         s, t, b = shape
-        return (t == 1 and s <= bucket(self.max_num_seqs) and b <= bucket(self.max_blocks)
-                and s * b <= self.decode_work)
+        return (t == 1 and 1 + self.pad_lone_decode <= s <= bucket(self.max_num_seqs)
+                and b <= bucket(self.max_blocks) and s * b <= self.decode_work)
 
     def prefill_ok(self, shape: Shape) -> bool:
         s, t, b = shape
@@ -129,7 +134,8 @@ class ShapeMenu:
         """Every shape a call can have, most expensive first: warming the biggest first lets
         ORT's arena reach its peak at once, smaller shapes then reuse its chunks."""
         shapes: set[Shape] = set()
-        s_ladder = sorted({bucket(n) for n in range(1, self.max_num_seqs + 1)})
+        least = 1 + self.pad_lone_decode
+        s_ladder = sorted({bucket(n) for n in range(least, self.max_num_seqs + 1)})
         b_ladder = sorted({bucket(n) for n in range(1, self.max_blocks + 1)})
         for s in s_ladder:
             shapes.update((s, 1, b) for b in b_ladder if self.decode_ok((s, 1, b)))

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -120,11 +120,15 @@ class LLMEngine:
         self.max_model_len, self.menu = plan.scheduler.max_model_len, plan.menu
         self.allocator = BlockAllocator(plan.num_blocks, self.block_size,
                                         enable_prefix_caching=config.enable_prefix_caching)
+        self.runner = ModelRunner(make_backend(self.bundle, plan.num_blocks, self.block_size,
+                                               config.backend, self.menu), self.block_size)
+        if self.runner.lone_row_differs():
+            log.info("a lone row decodes to other bits than a batched one on this CPU: "
+                     "a lone decoding row takes a padding token")
+            self.menu = replace(self.menu, pad_lone_decode=True)
         self._seq_ids = itertools.count(1)
         self.scheduler = Scheduler(plan.scheduler, self.allocator, self.menu,
                                    self._seq_ids.__next__)
-        self.runner = ModelRunner(make_backend(self.bundle, plan.num_blocks, self.block_size,
-                                               config.backend, self.menu), self.block_size)
         self.stats = EngineStats()
         self._requests: dict[str, _Request] = {}
         self.grammars = Grammars(self.tokenizer.hf.to_str, self.tokenizer.eos_token_ids,

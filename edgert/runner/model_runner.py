@@ -42,6 +42,15 @@ class ModelRunner:
             out.append([logits[r] for r in step.logit_rows])
         return out
 
+    def lone_row_differs(self) -> bool:
+        """Whether a one-row decode call gives its row other logits than a two-row call gives
+        the same row. Some CPU kernels take a one-row path that sums in another order (ORT
+        1.32's 4-bit MatMulNBits on AVX2 without VNNI: ~1e-6, which its int8 activations turn
+        into another answer); where this holds, a lone decoding row takes a padding token."""
+        one, two = (self.backend.run(dummy_inputs((s, 1, 1)), np.full((s, 1), -1, np.int64))
+                    for s in (1, 2))
+        return not np.array_equal(one[0], two[0])
+
     def warmup(self, shapes: Iterable[Shape]) -> int:
         """Run each shape once on the null block, in the given order (largest first lets
         ORT's arena reach its peak at once)."""
