@@ -90,7 +90,11 @@ def test_attention_matmuls_are_exact_from_two_rows_on():
             assert np.array_equal(got, ref), f"MatMul k={k} n={n} s={s} ({CPU})"
 
 
-def _matmulnbits(bits: int, k: int = 576, n: int = 960, block: int = 32) -> ort.InferenceSession:
+HIDDEN = 576  # SmolLM2-135M's: the K of its attention and up projections
+
+
+def _matmulnbits(bits: int, k: int = HIDDEN, n: int = 960,
+                 block: int = 32) -> ort.InferenceSession:
     codes = RNG.integers(0, 2 ** bits, size=(n, k // block, block)).astype(np.uint8)
     if bits == 4:
         codes = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
@@ -106,7 +110,7 @@ def one_row_differs(bits: int) -> bool:
     """Whether a one-row MatMulNBits call gives a row other bits than a two-row one on this
     CPU (ORT 1.32: the 4-bit kernel on AVX2 without VNNI does, by ~1e-6; nothing on Zen 4)."""
     sess = _matmulnbits(bits)
-    x = RNG.normal(size=(2, 576)).astype(np.float32)
+    x = RNG.normal(size=(2, HIDDEN)).astype(np.float32)
     return not np.array_equal(sess.run(None, {"x": x[:1]})[0][0], sess.run(None, {"x": x})[0][0])
 
 
@@ -117,10 +121,10 @@ def test_matmulnbits_int8_compute_rows_are_exact_from_two_rows_on(bits):
     is why the cpu bundles keep level 4. A one-row call may take another path (see
     test_engine_pads_a_lone_decoding_row_where_one_row_differs)."""
     sess = _matmulnbits(bits)
-    pair = RNG.normal(size=(2, 576)).astype(np.float32)
+    pair = RNG.normal(size=(2, HIDDEN)).astype(np.float32)
     ref = sess.run(None, {"x": pair})[0]
     for m in (3, 7, 16, 64, 256):
-        x = RNG.normal(size=(m, 576)).astype(np.float32)
+        x = RNG.normal(size=(m, HIDDEN)).astype(np.float32)
         x[m // 2] = pair[0]
         got = sess.run(None, {"x": x})[0][m // 2]
         assert np.array_equal(got, ref[0]), f"MatMulNBits bits={bits} m={m} ({CPU})"

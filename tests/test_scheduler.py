@@ -641,22 +641,24 @@ def test_n_choices_never_exceed_max_num_seqs() -> None:
     assert info.value.field == "n" and info.value.status == 400
 
 
-def _decode_plan_with_everyone(max_decode_calls: int) -> StepPlan:
-    """One sequence with 200 tokens of past and twelve short ones, all decoding in one step."""
+def _decode_plan_with_everyone(max_decode_calls: int, *, past: int = 200, short: int = 12,
+                               pad_lone_decode: bool = False) -> StepPlan:
+    """One sequence with `past` tokens of past and `short` short ones, all decoding in one
+    step."""
     eng = FakeEngine(usable_blocks=256, block_size=16, max_num_seqs=16,
                      max_num_batched_tokens=64, max_model_len=512,
-                     max_decode_calls=max_decode_calls)
-    eng.submit([1 + i % 3 for i in range(200)], _ignore_eos(max_tokens=40))
+                     max_decode_calls=max_decode_calls, pad_lone_decode=pad_lone_decode)
+    eng.submit([1 + i % 3 for i in range(past)], _ignore_eos(max_tokens=40))
     while not eng.scheduler.running or not eng.scheduler.running[0].output_ids:
         assert eng.counts.steps < 50, "the long prompt's prefill never completed"
         eng.step()  # the long prompt's prefill, chunk by chunk
-    for i in range(12):
+    for i in range(short):
         eng.submit([2, 1, 1 + i % 3, 3], _ignore_eos(max_tokens=8))
     for _ in range(4):
         plan = eng.step()
-        if len(plan.rows) == 13 and all(call.is_decode for call in plan.calls):
+        if len(plan.rows) == short + 1 and all(call.is_decode for call in plan.calls):
             return plan
-    raise AssertionError("the thirteen sequences never decoded in the same step")
+    raise AssertionError(f"the {short + 1} sequences never decoded in the same step")
 
 
 def test_decode_length_classes_split_one_long_sequence_from_short_ones() -> None:
@@ -670,6 +672,19 @@ def test_decode_length_classes_split_one_long_sequence_from_short_ones() -> None
 def test_one_decode_call_when_length_classes_are_off() -> None:
     plan = _decode_plan_with_everyone(max_decode_calls=1)
     assert len(plan.calls) == 1 and len(plan.calls[0].rows) == 13, plan.calls[0].shape
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_a_split_off_lone_row_is_priced_as_the_call_it_runs_as(pad: bool) -> None:
+    """~400 tokens of past beside four short rows: by the model's prices (160 a call, 12 a
+    row, 1 a row-block) the long row alone is worth its own call (416 < 424 together) unless
+    it runs padded to two positions (428), which costs a second row's projections."""
+    plan = _decode_plan_with_everyone(max_decode_calls=2, past=400, short=4,
+                                      pad_lone_decode=pad)
+    if pad:
+        assert len(plan.calls) == 1 and len(plan.calls[0].rows) == 5, plan.calls
+    else:
+        assert sorted(len(call.rows) for call in plan.calls) == [1, 4], plan.calls
 
 
 @pytest.mark.parametrize("usable", [16, 8])

@@ -294,8 +294,9 @@ class Scheduler:
     def _decode_calls(self, seqs: list[Sequence]) -> list[Call]:
         """Decoders grouped by how far back they read: at most `max_decode_calls` length
         classes, chosen to minimise the modelled cost (a call's fixed cost, each padded row's,
-        each padded row-block's gather), then each class cut to rows the menu allows at its
-        width. Answers are the same whatever the grouping: the graph is batch-invariant."""
+        each padded row-block's gather; a lone row as the call it runs as, which may be padded
+        to two positions), then each class cut to rows the menu allows at its width. Answers
+        are the same whatever the grouping: the graph is batch-invariant."""
         if not seqs:
             return []
         menu, cfg = self.menu, self.config
@@ -303,6 +304,9 @@ class Scheduler:
         spans = [menu.span(s.num_computed, 1) for s in items]
 
         def cost(lo: int, hi: int) -> int:
+            if hi - lo == 1 and menu.pad_lone_decode:  # runs as two positions of one row
+                _, t, b = menu.prefill_shape(1, 2, menu.span(items[lo].num_computed, 2))
+                return cfg.decode_call_cost + t * cfg.decode_row_cost + b
             s, _, b = menu.decode_shape(hi - lo, spans[hi - 1])
             return cfg.decode_call_cost + s * (cfg.decode_row_cost + b)
 
