@@ -105,7 +105,7 @@ class Fleet:
             "edgert_python": sys.executable, "edgert_mode": "direct",
             "edgert_bundle": str(bundle), "edgert_wheel": str(self.wheel),
             "edgert_user": self.sshd.user, "edgert_group": self.sshd.group,
-            "edgert_kv_memory": "8MiB",
+            "edgert_kv_memory": "8MiB", "edgert_pip_args": "--no-compile",  # one bare flag
             "edgert_serve_args": "--max-num-seqs 2 --max-num-batched-tokens 32",
             "edgert_timeout": 120}}}
         self.runs += 1

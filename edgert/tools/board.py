@@ -851,7 +851,8 @@ def add_actions(p: argparse.ArgumentParser) -> None:
     common(q, service=False)
     q.add_argument("--wheel", required=True, help="the wheel, already on the board")
     q.add_argument("--python", help="interpreter for the venv (default: this one)")
-    q.add_argument("--pip-args", help="extra pip install arguments (one string)")
+    q.add_argument("--pip-args", help="extra pip install arguments, one string "
+                   "(--pip-args='--no-index ...')")
     q.set_defaults(func=_run(_ensure_venv))
 
     q = bsub.add_parser("prepare", help="create a release directory for the copy")

@@ -277,7 +277,7 @@ def deploy(args: argparse.Namespace) -> int:
     r = remote.run(["env", f"PYTHONPATH={wdir}/{wheel.name}", args.python, "-m",
                     "edgert.tools.board", "ensure-venv", "--root", args.root,
                     "--wheel", f"{wdir}/{wheel.name}",
-                    *(["--pip-args", args.pip_args] if args.pip_args else [])], capture=True)
+                    *([f"--pip-args={args.pip_args}"] if args.pip_args else [])], capture=True)
     if r.returncode == 127:
         raise DeployError(f"--python {args.python}: not found on {remote.target}")
     if r.returncode:
@@ -376,7 +376,8 @@ def register(sub) -> None:
     g = p.add_argument_group("install on the board")
     g.add_argument("--python", default="python3",
                    help="the board's interpreter for the venv (python3)")
-    g.add_argument("--pip-args", help="extra `pip install` arguments on the board (one string)")
+    g.add_argument("--pip-args", help="extra `pip install` arguments on the board, one string "
+                   "(write --pip-args='--no-index --find-links DIR': the = keeps them apart)")
     g.add_argument("--wheel", metavar="FILE", help="deploy this edgert wheel instead of "
                    "building one from this checkout")
     g = p.add_argument_group("the service on the board")
