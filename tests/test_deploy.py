@@ -298,6 +298,27 @@ def test_generated_units_match_scripts_systemd_and_verify(tmp_path):
     assert "ListenStream=" + str(tmp_path / "run" / "edgert.sock") in units["edgert.socket"]
 
 
+@pytest.mark.parametrize("serve_args", ["--no-prefix-caching", "--max-num-seqs 2 --grace 5"])
+def test_install_passes_serve_args_the_board_parses_back(serve_args, tmp_path):
+    """`edgert install`'s activate command line through `edgert board`'s own parser: a single
+    flag arrives as the value of --serve-args, not as an option of `activate`."""
+    import argparse
+
+    from edgert.tools.board import add_actions
+    from edgert.tools.install import _activate_argv
+
+    args = argparse.Namespace(user="edgert", socket="/run/edgert/edgert.sock", kv_memory="25%",
+                              mode="direct", unit_dir=str(tmp_path), timeout=30, group=None,
+                              device="orin-nano-8gb", serve_args=serve_args)
+    argv = _activate_argv(args, tmp_path / "venv", "r1", tmp_path)
+    assert argv[1:3] == ["board", "activate"]
+    parser = argparse.ArgumentParser(prog="edgert board")
+    add_actions(parser)
+    parsed = parser.parse_args(argv[2:])
+    assert (parsed.serve_args, parsed.release, parsed.device) == (serve_args, "r1",
+                                                                   "orin-nano-8gb")
+
+
 def test_engine_build_step_on_a_board_without_tensorrt(bundles, tmp_path, capsys):
     """On a board with a GPU and TensorRT the release's bundle is built into an engine with the
     service's own engine flags; here (no TensorRT) the deploy says the service runs on the CPU

@@ -823,7 +823,8 @@ def add_service_args(g: Any) -> None:
                    help="edgert serve --kv-memory (25%%: with --device, of what the fit plan "
                         "leaves)")
     g.add_argument("--serve-args", default=None,
-                   help="more `edgert serve` flags, one quoted string")
+                   help="more `edgert serve` flags, one quoted string (a single flag "
+                        "needs the =: --serve-args=--no-prefix-caching)")
 
 
 def add_start_args(g: Any, unit_dir: bool = True) -> None:
@@ -852,7 +853,7 @@ def add_actions(p: argparse.ArgumentParser) -> None:
     q.add_argument("--wheel", required=True, help="the wheel, already on the board")
     q.add_argument("--python", help="interpreter for the venv (default: this one)")
     q.add_argument("--pip-args", help="extra pip install arguments, one string "
-                   "(--pip-args='--no-index ...')")
+                   "(a single flag needs the =: --pip-args=--no-compile)")
     q.set_defaults(func=_run(_ensure_venv))
 
     q = bsub.add_parser("prepare", help="create a release directory for the copy")

@@ -312,7 +312,7 @@ def deploy(args: argparse.Namespace) -> int:
     if args.device:
         cmd += ["--device", args.device]
     if args.serve_args:
-        cmd += ["--serve-args", args.serve_args]
+        cmd += [f"--serve-args={args.serve_args}"]  # "=": a single flag is a value too
     r = remote.run(cmd)
     if r.returncode == 0:
         print(f"deployed {rid} to {remote.target} in {time.monotonic() - t0:.1f} s: serving on "
@@ -376,8 +376,9 @@ def register(sub) -> None:
     g = p.add_argument_group("install on the board")
     g.add_argument("--python", default="python3",
                    help="the board's interpreter for the venv (python3)")
-    g.add_argument("--pip-args", help="extra `pip install` arguments on the board, one string "
-                   "(write --pip-args='--no-index --find-links DIR': the = keeps them apart)")
+    g.add_argument("--pip-args", help="extra `pip install` arguments on the board, one string: "
+                   "--pip-args='--no-index --find-links DIR' (a single flag needs the =: "
+                   "--pip-args=--no-compile)")
     g.add_argument("--wheel", metavar="FILE", help="deploy this edgert wheel instead of "
                    "building one from this checkout")
     g = p.add_argument_group("the service on the board")

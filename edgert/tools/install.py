@@ -317,7 +317,7 @@ def _activate_argv(args: argparse.Namespace, venv: Path, rid: str, root: Path) -
     if args.device:
         cmd += ["--device", args.device]
     if args.serve_args:
-        cmd += ["--serve-args", args.serve_args]
+        cmd += [f"--serve-args={args.serve_args}"]  # "=": a single flag is a value too
     return cmd
 
 
