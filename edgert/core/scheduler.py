@@ -30,7 +30,7 @@ from edgert.core.block_allocator import BlockAllocator, NoFreeBlocks
 from edgert.core.plan import Call, Row, StepPlan
 from edgert.core.prompt_lookup import propose
 from edgert.core.sequence import Sequence, Status
-from edgert.core.shapes import ShapeMenu, floor_pow2, pow2
+from edgert.core.shapes import Shape, ShapeMenu, floor_pow2, pow2
 
 __all__ = ["RequestRejected", "Scheduler", "child_seed"]
 
@@ -266,25 +266,26 @@ class Scheduler:
             logits = ()
         return Row(seq, start, tokens, tuple(self.allocator.block_table(seq.seq_id)), logits)
 
+    def _shape(self, rows: int, width: int, start: int) -> Shape:
+        """The padded shape a call of `rows` rows of `width` tokens runs as, its furthest row
+        starting at `start`. A lone decoding row takes a padding token where the menu asks
+        (pad_lone_decode): two rows through every projection, as in a speculative call's first
+        position, and the past gathered once. Always on the menu: a row that generates has
+        room for start + 2 tokens."""
+        menu = self.menu
+        if width == 1 and rows == 1 and menu.pad_lone_decode:
+            width = 2
+        span = menu.span(start, width)
+        return menu.decode_shape(rows, span) if width == 1 else menu.prefill_shape(rows, width,
+                                                                                   span)
+
     def _call(self, draft: _Draft) -> Call | None:
         if not draft.rows:
             return None
         menu = self.menu
         decode = draft.width == 1 or any(r.draft for r in draft.rows)
-        width = draft.width
-        if width == 1 and len(draft.rows) == 1 and menu.pad_lone_decode:
-            # A padding token, not a padding row: two rows through every projection, as in a
-            # speculative call's first position, and the past gathered once. Always on the
-            # menu: a row that generates has room for start + 2 tokens.
-            width = 2
-        span = max(menu.span(r.start, width) for r in draft.rows)
-        if width == 1:
-            shape = menu.decode_shape(len(draft.rows), span)
-            ok = menu.decode_ok(shape)
-        else:
-            shape = menu.prefill_shape(len(draft.rows), width, span)
-            ok = menu.prefill_ok(shape)
-        if not ok:
+        shape = self._shape(len(draft.rows), draft.width, max(r.start for r in draft.rows))
+        if not (menu.decode_ok(shape) if shape[1] == 1 else menu.prefill_ok(shape)):
             raise AssertionError(f"scheduler bug: call shape {shape} is not on the menu")
         # Tables as the call sees them: each row's own blocks (the call may pad them).
         rows = tuple(replace(r, table=tuple(self.allocator.block_table(r.seq.seq_id)))
@@ -301,14 +302,13 @@ class Scheduler:
             return []
         menu, cfg = self.menu, self.config
         items = sorted(seqs, key=lambda s: (s.num_computed, s.rank))
-        spans = [menu.span(s.num_computed, 1) for s in items]
+
+        def shape(lo: int, hi: int) -> Shape:
+            return self._shape(hi - lo, 1, items[hi - 1].num_computed)
 
         def cost(lo: int, hi: int) -> int:
-            if hi - lo == 1 and menu.pad_lone_decode:  # runs as two positions of one row
-                _, t, b = menu.prefill_shape(1, 2, menu.span(items[lo].num_computed, 2))
-                return cfg.decode_call_cost + t * cfg.decode_row_cost + b
-            s, _, b = menu.decode_shape(hi - lo, spans[hi - 1])
-            return cfg.decode_call_cost + s * (cfg.decode_row_cost + b)
+            s, t, b = shape(lo, hi)  # each padded position's row cost, each row's gather
+            return cfg.decode_call_cost + s * (t * cfg.decode_row_cost + b)
 
         n = len(items)
         groups = [(0, n)]
@@ -320,8 +320,7 @@ class Scheduler:
         for lo, hi in groups:
             while lo < hi:  # the widest slice of the class the menu allows, longest rows last
                 top = hi
-                while top - lo > 1 and not menu.decode_ok(
-                        menu.decode_shape(top - lo, spans[top - 1])):  # one row always fits
+                while top - lo > 1 and not menu.decode_ok(shape(lo, top)):  # one row fits
                     top -= 1
                 draft = _Draft([self._row(s, 1) for s in items[lo:top]], 1)
                 calls.append(self._call(draft))
@@ -359,8 +358,7 @@ class Scheduler:
                                                         seq.num_tokens + len(guess))):
                     guess = guess[:held]
             width = pow2(1 + len(guess))
-            shape = menu.prefill_shape(1, width, menu.span(seq.num_computed, width))
-            if not guess or not menu.prefill_ok(shape):
+            if not guess or not menu.prefill_ok(self._shape(1, width, seq.num_computed)):
                 continue
             last = self._row(seq, 1)
             row = replace(last, tokens=last.tokens + tuple(guess), draft=len(guess),
