@@ -332,7 +332,7 @@ ALL_CONFIGS = [
 
 
 @pytest.mark.parametrize("label,kw", ALL_CONFIGS, ids=[c[0] for c in ALL_CONFIGS])
-def test_quantized_bundle_structure_and_manifest(label, kw, tiny_ckpts, tmp_path):
+def test_quantized_bundle_structure_and_manifest(label, kw, tiny_ckpts, tmp_path, capfd):
     ckpts, calib = tiny_ckpts
     ckpt = ckpts["llama"]
     qcfg = QuantConfig(**kw, calib=CalibConfig(source=calib, samples=8, seqlen=64))
@@ -352,6 +352,11 @@ def test_quantized_bundle_structure_and_manifest(label, kw, tiny_ckpts, tmp_path
     for pair in bundle.graph["pools"]:
         for pool in pair:
             assert consumers[pool] == ["GatherND"]
+    unread = [t.name for t in model.graph.initializer if t.name not in consumers]
+    assert not unread, "constants a fusion left behind: ORT warns about each at every start"
+    capfd.readouterr()
+    ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    assert "Removing initializer" not in capfd.readouterr().err
     q = m["quantization"]
     layers = q["layers"]
     cfg = ckpt.config
