@@ -72,7 +72,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    default="uniform",
                    help="prompt length distribution around the mean (uniform: +-50%%; mixed: "
                         "one prompt in 16 is 16x longer); outputs use it too, except mixed")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0,
+                   help="draws the prompts and lengths: the same seed, the same workload")
     g.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds")
     g.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     g.add_argument("--plot", metavar="PNG",

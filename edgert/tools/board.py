@@ -858,12 +858,13 @@ def add_actions(p: argparse.ArgumentParser) -> None:
 
     q = bsub.add_parser("prepare", help="create a release directory for the copy")
     common(q, service=False)
-    q.add_argument("--release", required=True)
+    q.add_argument("--release", required=True,
+                   help="the new release's id (a directory name under ROOT/releases)")
     q.set_defaults(func=_run(_prepare))
 
     q = bsub.add_parser("activate", help="verify, switch, start, check; roll back on failure")
     common(q)
-    q.add_argument("--release", required=True)
+    q.add_argument("--release", required=True, help="the prepared release to switch to")
     q.add_argument("--venv", required=True, help="the venv the release runs with")
     q.add_argument("--device", default=None, help="device profile for edgert serve --device")
     add_service_args(q)
@@ -876,7 +877,7 @@ def add_actions(p: argparse.ArgumentParser) -> None:
 
     q = bsub.add_parser("list", help="the releases on the board")
     common(q, service=False)
-    q.add_argument("--json", action="store_true")
+    q.add_argument("--json", action="store_true", help="print the releases as JSON")
     q.set_defaults(func=_run(_list))
 
     q = bsub.add_parser("stop", help="stop the service")

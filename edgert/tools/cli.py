@@ -88,9 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wrap the prompt as a user message with the bundle's chat template")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate (128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the fewest tokens whose probabilities sum to P (1 = off)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample from the K likeliest tokens (0 = off)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="makes a sampled completion repeatable (default: a fresh draw)")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("-v", "--verbose", action="store_true", help="print timing to stderr")
     add_engine_args(p)
@@ -122,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the first requests are then slow)")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"])
+                   choices=["debug", "info", "warning", "error"],
+                   help="the least severe server log lines shown (default: info)")
     add_engine_args(p)
     p.set_defaults(func=_serve)
 
