@@ -3,7 +3,10 @@
 Both servers get the very same requests: token-id prompts cut from one corpus tokenized with the
 bundle's tokenizer (SmolLM2's GGUF carries the same vocabulary), `ignore_eos` so both emit exactly
 the drawn number of tokens, streamed, at each concurrency level. One server runs at a time on
-the same cores; each one's peak RSS is read from /proc (VmHWM) when its run ends.
+the same cores; each one's peak RSS is read from /proc (VmHWM) when its run ends, and each run
+says what share of the cores went to other processes and to the hypervisor's steal meanwhile
+(edgert/tools/cpu_share.py), flagged SHARED above 5%: a neighbour that slows one server's run
+and not the other's makes the ratio meaningless.
 """
 
 from __future__ import annotations
@@ -189,15 +192,18 @@ def _serving(cmd: list[str], target: str) -> Iterator[subprocess.Popen]:
 def run_server(cmd: list[str], target: str, args: argparse.Namespace, corpus: list[int],
                max_model_len: int) -> dict:
     from edgert.tools.bench_serve import run_bench
+    from edgert.tools.cpu_share import CpuWatch
 
     with _serving(cmd, target) as proc:
+        watch = CpuWatch([proc.pid])
         levels = asyncio.run(run_bench(
             target, args.concurrency, args.requests, args.prompt_len, args.output_len,
             "uniform", None, args.seed, 600.0, corpus=corpus, max_model_len=max_model_len,
             keepalive=False))  # llama-server closes idle connections; both get the same
+        share = watch.stop()
         rss = _peak_rss(proc.pid)
     return {"levels": [{**asdict(r), "out_tok_s": r.output_tokens_per_s} for r in levels],
-            "peak_rss": rss}
+            "peak_rss": rss, "cpu_share": asdict(share), "shared": share.shared}
 
 
 CURVE_OUTPUT = 64
@@ -208,15 +214,18 @@ def run_curve(cmd: list[str], target: str, lengths: list[int], corpus: list[int]
     """TPOT p50 (seconds) of one stream after a prompt of each length: how a step's cost grows
     with the context it attends to."""
     from edgert.tools.bench_serve import run_bench
+    from edgert.tools.cpu_share import CpuWatch
 
     out = {}
-    with _serving(cmd, target):
+    with _serving(cmd, target) as proc:
         for n in lengths:
+            watch = CpuWatch([proc.pid])
             [level] = asyncio.run(run_bench(
                 target, [1], 2, n, CURVE_OUTPUT, "fixed", None, seed, 900.0, corpus=corpus,
                 max_model_len=max(lengths) + CURVE_OUTPUT, keepalive=False))
             out[n] = level.tpot.get("p50", float("nan"))
-            print(f"  context {n}: TPOT p50 {out[n] * 1000:.1f} ms", flush=True)
+            print(f"  context {n}: TPOT p50 {out[n] * 1000:.1f} ms; "
+                  f"{watch.stop().describe()}", flush=True)
     return out
 
 
@@ -331,11 +340,17 @@ def print_load(report: dict, names: list[str]) -> None:
                      ("out_tok_s", "ttft_p50", "tpot_p50")]
             print(f"{name:8} {row['concurrency']:>4} {' '.join(cells)} "
                   f"{run['peak_rss'] / peer['peak_rss']:8.2f}x")
+    from edgert.tools.cpu_share import CpuShare
+
     for name, run in report["runs"].items():
         lv = {x["concurrency"]: x for x in run["levels"]}
         print(f"{name:9} peak RSS {run['peak_rss'] >> 20} MiB; " + "; ".join(
             f"c={c}: {x['out_tok_s']:.1f} out tok/s, TPOT p50 "
             f"{x['tpot'].get('p50', float('nan')) * 1000:.1f} ms" for c, x in lv.items()))
+        print(f"{'':9} during it: {CpuShare(**run['cpu_share']).describe()}")
+    if any(run["shared"] for run in report["runs"].values()):
+        print("another job shared the cores during a run: its ratios measure that job too; "
+              "run again on a quiet machine")
 
 
 def curve(args: argparse.Namespace, server: Path, gguf: Path, name: str,
@@ -366,7 +381,9 @@ def curve(args: argparse.Namespace, server: Path, gguf: Path, name: str,
     shutil.rmtree(sock.parent, ignore_errors=True)
     xs = np.array(lengths, float) / 1000
 
-    def slope(d: dict[int, float]) -> float:
+    def slope(d: dict[int, float]) -> float:  # a line needs two lengths
+        if len(set(lengths)) < 2:
+            return float("nan")
         return float(np.polyfit(xs, [d[n] * 1000 for n in lengths], 1)[0])
 
     res = {"lengths": lengths, "llama.cpp": peer, "edgert": ours,
@@ -375,6 +392,9 @@ def curve(args: argparse.Namespace, server: Path, gguf: Path, name: str,
     for n in lengths:
         print(f"{n:8} {peer[n] * 1000:13.1f} {ours[n] * 1000:10.1f} {ours[n] / peer[n]:6.2f}x")
     sl = res["slope_ms_per_1k"]
+    if len(set(lengths)) < 2:
+        print("slope: needs two or more --context-curve lengths")
+        return res
     print(f"slope: llama.cpp {sl['llama.cpp']:.2f} ms, edgert {sl['edgert']:.2f} ms of TPOT per "
           f"1k tokens of context ({sl['edgert'] / sl['llama.cpp']:.2f}x)")
     return res

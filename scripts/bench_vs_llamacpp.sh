@@ -10,7 +10,8 @@
 #    (defaults, its pool sized to hold the same 16,384 tokens: --kv-tokens) on the bundle, one
 #    after the other on the same cores, and runs the same streamed completions workload against
 #    each (`edgert bench`: token-id prompts, ignore_eos so both emit exactly the drawn lengths),
-#    recording TTFT / TPOT / throughput and each server's peak RSS;
+#    recording TTFT / TPOT / throughput, each server's peak RSS, and the share of the cores
+#    other processes and the hypervisor's steal took meanwhile (SHARED above 5%);
 # 4. TPOT of one stream after prompts of 256 / 1k / 4k / 8k tokens, both servers (--context-curve,
 #    on the last bundle or --curve-bundle), and the slope of each in ms per 1k tokens;
 # 5. prints the ratios edgert / llama.cpp and writes .cache/bench_vs_llamacpp/report.json and a
