@@ -51,7 +51,7 @@ def _jiffies(pid: int) -> int:
 
 class CpuWatch:
     """Start before the measured work, `stop()` after it. `pids`: the measured processes (this
-    one is always included); their threads count with them."""
+    one is always included), each alive until `stop()`; their threads count with them."""
 
     def __init__(self, pids: Iterable[int] = ()):
         self.pids = sorted({os.getpid(), *pids})
