@@ -5,7 +5,7 @@ SmolLM2-135M (README, "Quantization"); the gate of a bundle is recorded in its m
 
 from __future__ import annotations
 
-# Keyed by (precision, flavour, symmetric).
+# Keyed by (precision, flavour, symmetric); a bundle takes its coarsest weights' (QuantConfig.gate).
 QUALITY_GATES: dict[tuple[str, str, bool], float] = {
     ("fp16", "portable", True): 0.005,
     ("fp16", "cpu", True): 0.005,

@@ -54,7 +54,8 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="embedding table (default int8 for int8/int4, else --precision)")
     g.add_argument("--lm-head-precision", default=None,
                    choices=["fp32", "fp16", "int8", "int4"],
-                   help="LM head (default: the embedding's; a tied head then shares its table)")
+                   help="LM head (default: the embedding's; a tied head then shares its table). "
+                        "A head coarser than the body sets the bundle's quality gate")
     g.add_argument("--scale-dtype", default="float16", choices=["float16", "float32"],
                    help="int4 block scale storage (default float16; float32: cpu flavour only)")
     g.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "float16"],
@@ -107,7 +108,6 @@ def export_with_gate(ckpt: Checkpoint, args: argparse.Namespace, quant: QuantCon
     )
     from edgert.tools.info import describe
     from export.bundle_writer import graph_io_manifest, write_bundle
-    from export.gates import quality_gate
     from export.graph import build_decoder
 
     out: Path = args.output
@@ -129,7 +129,7 @@ def export_with_gate(ckpt: Checkpoint, args: argparse.Namespace, quant: QuantCon
         # what the fp32 bundle would hold: its graph with weights, and the tokenizer
         res.reference_bundle_bytes = len(fp32) + len(ckpt.tokenizer_json.encode())
         del reference, fp32
-        gate = quality_gate(quant.precision, quant.graph_flavour, quant.symmetric)
+        gate = quant.gate
         kv = f", KV {quant.kv_pool_dtype}" if quant.kv_dtype != "auto" else ""
         print(format_summary(res, f"{bundle.name} ({quant.precision}, {quant.graph_flavour}{kv})",
                              gate))

@@ -99,6 +99,8 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}")
+        if self.precision == "fp16":  # ORT's fused CPU kernels take float32 activations only,
+            object.__setattr__(self, "flavour", "portable")  # so a quantized head is Q/DQ
         if self.flavour not in FLAVOURS:
             raise ValueError(f"flavour must be one of {FLAVOURS}")
         if self.method is not None and self.method not in METHODS:
@@ -128,11 +130,16 @@ class QuantConfig:
                              f"float16, so its KV pool is float16 (use auto, or {fix})")
         if self.group_size not in (16, 32, 64, 128, 256):
             raise ValueError("group size must be one of 16, 32, 64, 128, 256")
-        if not self.symmetric and self.flavour == "portable" and "int4" in (
+        if not self.symmetric and "int4" not in (self.precision, self.lm_head):
+            raise ValueError("--asymmetric is for int4 weights (--precision int4 or "
+                             "--lm-head-precision int4); this configuration has none")
+        if not self.symmetric and self.graph_flavour == "portable" and "int4" in (
                 self.precision, self.lm_head):
             raise ValueError(
                 "the portable flavour is symmetric int4 (TensorRT's DequantizeLayer takes zero "
-                "point 0 only); use --flavour cpu for --asymmetric")
+                "point 0 only); " + ("a float16 graph is portable: its int4 head is "
+                                     "symmetric" if self.precision == "fp16"
+                                     else "use --flavour cpu for --asymmetric"))
         if (self.activation_dtype == "float16" and self.scale_dtype != "float16"
                 and "int4" in (self.precision, self.lm_head)):
             raise ValueError(
@@ -210,11 +217,26 @@ class QuantConfig:
         """fp32 / fp16 graphs use standard ops only, whatever was asked."""
         return self.flavour if "int" in self.precision + self.lm_head_precision else "portable"
 
+    @property
+    def coarsest(self) -> str:
+        """The lowest precision among the weights (body, embedding, LM head)."""
+        return max((self.precision, self.embedding_precision, self.lm_head_precision),
+                   key=PRECISIONS.index)
+
+    @property
+    def gate(self) -> float | None:
+        """The allowed perplexity rise: that of the coarsest weights, so that a float or int8
+        body with an int4 head is held to int4's gate, never to none."""
+        p = self.coarsest
+        return quality_gate(p, self.graph_flavour, self.symmetric or p != "int4")
+
     def needs_calibration(self) -> bool:
-        return self.precision in ("int8", "int4") and (
+        """GPTQ's Hessians and SmoothQuant's ranges come from calibration, for the body's
+        projections or a quantized LM head alone."""
+        quantized = [p for p in (self.precision, self.lm_head_precision) if p in ("int8", "int4")]
+        return bool(quantized) and (
             self.resolved_method == "gptq" or self.alpha is not None
-            or (self.flavour == "portable" and "int8" in (self.precision,
-                                                          self.lm_head_precision)))
+            or (self.graph_flavour == "portable" and "int8" in quantized))
 
     def calib_config(self) -> CalibConfig:
         return replace(self.calib, hessians=self.resolved_method == "gptq")
@@ -561,7 +583,7 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
             "lm_head": q.lm_head_precision,
             "smoothquant_alpha": q.alpha,
             "clip_search": q.uses_clip_search,
-            "gate": quality_gate(q.precision, q.graph_flavour, q.symmetric),
+            "gate": q.gate,
             "layers": self.layers,
         }
 
@@ -602,7 +624,7 @@ def build_quantized(ckpt: Checkpoint, qcfg: QuantConfig, calibration: Calibratio
     assert builder.opsets[""] == (CPU_OPSET if qcfg.graph_flavour == "cpu" else OPSET)
     qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
     return QuantizedGraph(model, qcfg.precision, qcfg.graph_flavour, domains,
-                          builder.manifest() if qcfg.precision != "fp32" else None,
+                          None if qcfg.is_plain_fp32 else builder.manifest(),
                           calibration if qcfg.needs_calibration() else None, builder.quantized,
                           dict(PORTABLE_ORT_CONFIG) if qdq else {}, builder.dtype,
                           builder.kv_dtype)

@@ -389,6 +389,53 @@ def test_quantized_bundle_structure_and_manifest(label, kw, tiny_ckpts, tmp_path
 def test_asymmetric_portable_is_refused():
     with pytest.raises(ValueError, match="zero point 0"):
         QuantConfig(precision="int4", flavour="portable", symmetric=False)
+    with pytest.raises(ValueError, match="no int4|has none"):  # nothing it could apply to
+        QuantConfig(precision="int8", symmetric=False)
+    with pytest.raises(ValueError, match="float16 graph is portable"):
+        QuantConfig(precision="fp16", lm_head="int4", symmetric=False)
+
+
+MIXED_HEADS = [  # label, config, the gate it is held to (its coarsest weights')
+    ("fp32-body-int4-head", dict(precision="fp32", lm_head="int4"), 0.15),
+    ("fp32-body-int8-head", dict(precision="fp32", lm_head="int8"), 0.01),
+    ("int8-body-int4-asym-head", dict(precision="int8", lm_head="int4", symmetric=False), 0.05),
+    ("fp16-body-int8-head", dict(precision="fp16", lm_head="int8"), 0.03),
+]
+
+
+@pytest.mark.parametrize("label,kw,gate", MIXED_HEADS, ids=[c[0] for c in MIXED_HEADS])
+def test_a_quantized_head_beside_another_body_is_calibrated_gated_and_exact(
+        label, kw, gate, tiny_ckpts, tmp_path):
+    """`--lm-head-precision` below the body's precision. These used to fail mid-export (a
+    float body skipped calibration, so GPTQ had no Hessians for the head; a float16 body took
+    the float32-only cpu kernels) or export with no quality gate at all (int8 with an
+    asymmetric int4 head). Each is now gated by its coarsest weights and records its head; on
+    a float32 body it computes its dequantized weights (exactly for int4: fp32 compute in
+    MatMulNBits)."""
+    ckpts, calib = tiny_ckpts
+    ckpt = ckpts["qwen2"]  # an untied head: quantized on its own, not through the table
+    qcfg = QuantConfig(**kw, embedding="fp32", accuracy_level=0,
+                       calib=CalibConfig(source=calib, samples=8, seqlen=64))
+    assert qcfg.gate == gate
+    qg = build_quantized(ckpt, qcfg)
+    assert qg.calibration is not None  # GPTQ's Hessians for the head
+    bundle = Bundle.load(write_bundle(ckpt, tmp_path / "b", progress=False, quant=qcfg,
+                                      calibration=qg.calibration))
+    q = bundle.manifest["quantization"]
+    assert q["gate"] == gate and q["lm_head"] == kw["lm_head"]
+    assert q["layers"]["lm_head.weight"]["precision"] == kw["lm_head"]
+    ids = [int(t) for t in RNG.integers(0, VOCAB, size=30)]
+    got = _logits(bundle, ids)
+    assert np.isfinite(got).all()
+    if kw["precision"] != "fp32":
+        return
+    ref = Bundle.load(write_bundle(_dequantized_checkpoint(ckpt, qg.weights, False),
+                                   tmp_path / "r", progress=False))
+    want = _logits(ref, ids)
+    # an int8 head quantizes its input per row and block of 32 inside MatMulNBits (accuracy
+    # level 4 always, for batch invariance): within that rounding, not exact
+    rtol = 1e-2 if kw["lm_head"] == "int8" else 1e-4
+    assert float(np.abs(got - want).max()) <= rtol * max(1.0, float(np.abs(want).max()))
 
 
 BATCHED = ALL_CONFIGS[:2] + ALL_CONFIGS[3:4] + ALL_CONFIGS[5:]
