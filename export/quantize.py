@@ -219,14 +219,17 @@ class QuantConfig:
 
     @property
     def coarsest(self) -> str:
-        """The lowest precision among the weights (body, embedding, LM head)."""
-        return max((self.precision, self.embedding_precision, self.lm_head_precision),
+        """The lowest precision among the weights (body, embedding, LM head) and the KV pool
+        (a float16 pool rounds every cached K/V)."""
+        kv = "fp16" if self.kv_pool_dtype == "float16" else "fp32"
+        return max((self.precision, self.embedding_precision, self.lm_head_precision, kv),
                    key=PRECISIONS.index)
 
     @property
     def gate(self) -> float | None:
-        """The allowed perplexity rise: that of the coarsest weights, so that a float or int8
-        body with an int4 head is held to int4's gate, never to none."""
+        """The allowed perplexity rise: that of the coarsest part, so that a float or int8
+        body with an int4 head is held to int4's gate, and a float body with a float16 pool to
+        fp16's, never to none."""
         p = self.coarsest
         return quality_gate(p, self.graph_flavour, self.symmetric or p != "int4")
 

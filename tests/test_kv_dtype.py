@@ -224,7 +224,8 @@ def test_kv_dtype_options():
 
 def test_export_cli(tmp_path):
     """`edgert export --kv-dtype float16` of a float graph is scored against the float32 pool's
-    graph (the summary printed, no gate for fp32); float32 under a float16 graph is refused."""
+    graph (the summary printed, held to fp16's gate: the pool rounds every cached K/V);
+    float32 under a float16 graph is refused."""
     import subprocess
     import sys
 
@@ -234,6 +235,7 @@ def test_export_cli(tmp_path):
                            "--eval-tokens", "300"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "KV float16" in proc.stdout and "top-1 agreement" in proc.stdout, proc.stdout
+    assert "(gate +0.5%)" in proc.stdout, proc.stdout
     assert Bundle.load(tmp_path / "b").kv["dtype"] == "float16"
     proc = subprocess.run([*base, "-o", str(tmp_path / "c"), "--precision", "fp16",
                            "--kv-dtype", "float32"], capture_output=True, text=True, timeout=300)

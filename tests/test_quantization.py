@@ -403,6 +403,12 @@ MIXED_HEADS = [  # label, config, the gate it is held to (its coarsest weights')
 ]
 
 
+def test_a_float_body_with_a_float16_pool_is_gated_as_fp16():
+    assert QuantConfig(precision="fp32", kv_dtype="float16").gate == 0.005
+    assert QuantConfig(precision="fp32").gate is None  # lossless: nothing to gate
+    assert QuantConfig(precision="int8", kv_dtype="float16").gate == 0.01
+
+
 @pytest.mark.parametrize("label,kw,gate", MIXED_HEADS, ids=[c[0] for c in MIXED_HEADS])
 def test_a_quantized_head_beside_another_body_is_calibrated_gated_and_exact(
         label, kw, gate, tiny_ckpts, tmp_path):
