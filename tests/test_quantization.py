@@ -389,7 +389,7 @@ def test_quantized_bundle_structure_and_manifest(label, kw, tiny_ckpts, tmp_path
 def test_asymmetric_portable_is_refused():
     with pytest.raises(ValueError, match="zero point 0"):
         QuantConfig(precision="int4", flavour="portable", symmetric=False)
-    with pytest.raises(ValueError, match="no int4|has none"):  # nothing it could apply to
+    with pytest.raises(ValueError, match="has none"):  # nothing it could apply to
         QuantConfig(precision="int8", symmetric=False)
     with pytest.raises(ValueError, match="float16 graph is portable"):
         QuantConfig(precision="fp16", lm_head="int4", symmetric=False)
@@ -401,12 +401,6 @@ MIXED_HEADS = [  # label, config, the gate it is held to (its coarsest weights')
     ("int8-body-int4-asym-head", dict(precision="int8", lm_head="int4", symmetric=False), 0.05),
     ("fp16-body-int8-head", dict(precision="fp16", lm_head="int8"), 0.03),
 ]
-
-
-def test_a_float_body_with_a_float16_pool_is_gated_as_fp16():
-    assert QuantConfig(precision="fp32", kv_dtype="float16").gate == 0.005
-    assert QuantConfig(precision="fp32").gate is None  # lossless: nothing to gate
-    assert QuantConfig(precision="int8", kv_dtype="float16").gate == 0.01
 
 
 @pytest.mark.parametrize("label,kw,gate", MIXED_HEADS, ids=[c[0] for c in MIXED_HEADS])
@@ -442,6 +436,12 @@ def test_a_quantized_head_beside_another_body_is_calibrated_gated_and_exact(
     # level 4 always, for batch invariance): within that rounding, not exact
     rtol = 1e-2 if kw["lm_head"] == "int8" else 1e-4
     assert float(np.abs(got - want).max()) <= rtol * max(1.0, float(np.abs(want).max()))
+
+
+def test_a_float_body_with_a_float16_pool_is_gated_as_fp16():
+    assert QuantConfig(precision="fp32", kv_dtype="float16").gate == 0.005
+    assert QuantConfig(precision="fp32").gate is None  # lossless: nothing to gate
+    assert QuantConfig(precision="int8", kv_dtype="float16").gate == 0.01
 
 
 BATCHED = ALL_CONFIGS[:2] + ALL_CONFIGS[3:4] + ALL_CONFIGS[5:]
