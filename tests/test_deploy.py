@@ -137,13 +137,20 @@ def test_first_release_installs_edgert_and_answers(board, bundles):
     assert name == "tiny-one" and text.strip()
 
 
+def _hear_ctrl_c() -> None:
+    """A suite started as a background job of a non-interactive shell inherits SIGINT ignored,
+    and so would the deploy: Ctrl-C would then reach only rsync and ssh (which set their own
+    handlers), and the deploy would report a failed copy instead of an interrupted one."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_interrupted_copy_resumes_and_the_second_release_answers(board, bundles):
     rid = _rid(bundles["two"])
     dest = board.root / "releases" / rid / "bundle"
     proc = subprocess.Popen(
         board.deploy_argv(str(bundles["two"]), "--bwlimit", "800", *board.service_args()),
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
+        start_new_session=True, preexec_fn=_hear_ctrl_c)
     deadline = time.monotonic() + 300  # generous: the steps before the copy slow under load
     partial = 0
     try:
