@@ -130,18 +130,17 @@ class QuantConfig:
                              f"float16, so its KV pool is float16 (use auto, or {fix})")
         if self.group_size not in (16, 32, 64, 128, 256):
             raise ValueError("group size must be one of 16, 32, 64, 128, 256")
-        if not self.symmetric and "int4" not in (self.precision, self.lm_head):
+        if not self.symmetric and not self.has_int4:
             raise ValueError("--asymmetric is for int4 weights (--precision int4 or "
                              "--lm-head-precision int4); this configuration has none")
-        if not self.symmetric and self.graph_flavour == "portable" and "int4" in (
-                self.precision, self.lm_head):
+        if not self.symmetric and self.graph_flavour == "portable":
             raise ValueError(
                 "the portable flavour is symmetric int4 (TensorRT's DequantizeLayer takes zero "
                 "point 0 only); " + ("a float16 graph is portable: its int4 head is "
                                      "symmetric" if self.precision == "fp16"
                                      else "use --flavour cpu for --asymmetric"))
         if (self.activation_dtype == "float16" and self.scale_dtype != "float16"
-                and "int4" in (self.precision, self.lm_head)):
+                and self.has_int4):
             raise ValueError(
                 "the portable flavour's scales are float16: its activations are float16 and a "
                 "strongly typed DequantizeLinear outputs its scale's type (--scale-dtype float32 "
@@ -216,6 +215,11 @@ class QuantConfig:
     def graph_flavour(self) -> str:
         """fp32 / fp16 graphs use standard ops only, whatever was asked."""
         return self.flavour if "int" in self.precision + self.lm_head_precision else "portable"
+
+    @property
+    def has_int4(self) -> bool:
+        """Whether any weight is int4 (the body or the LM head; an embedding never is)."""
+        return "int4" in (self.precision, self.lm_head)
 
     @property
     def coarsest(self) -> str:
@@ -575,7 +579,7 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
         return {
             "method": q.resolved_method,
             "flavour": q.graph_flavour,
-            "group_size": q.group_size if "int4" in (q.precision, q.lm_head_precision) else None,
+            "group_size": q.group_size if q.has_int4 else None,
             "symmetric": q.symmetric,
             "zero_point": None if q.symmetric else q.zero_point,
             "scale_dtype": q.scale_dtype,
