@@ -778,3 +778,40 @@ def test_forked_choice_commits_after_an_eviction() -> None:
     eng.submit([2, 2, 1, 2], _ignore_eos(max_tokens=2, n=2))  # P
     eng.drain()
     assert eng.counts.reasons["length"] == 4
+
+
+def _prefill_widths(prompt_len: int, *, prompts: int = 1) -> list[list[tuple[int, int, int]]]:
+    """The prefill calls' padded (S, T) and their real tokens, step by step, of `prompts`
+    fresh prompts of `prompt_len` tokens submitted together (256-token budget)."""
+    eng = FakeEngine(usable_blocks=256, block_size=16, max_num_batched_tokens=256)
+    eng.record_plans = True
+    for i in range(prompts):
+        eng.submit([1 + (i + j) % 7 for j in range(prompt_len)], _ignore_eos(max_tokens=2))
+    eng.drain()
+    return [[(c.shape[0], c.shape[1], sum(len(r.tokens) for r in c.rows))
+             for c in plan.calls if not c.is_decode] for plan in eng.plans]
+
+
+@pytest.mark.parametrize(("prompt_len", "widths"), [
+    (141, [128, 16]),  # 128 + 13, not 141 padded to 256
+    (250, [256]),  # 6 positions of padding beat a second call
+    (129, [128]),  # the last prompt token decodes beside the others
+    (100, [64, 32, 4]),
+])
+def test_a_prompt_is_cut_where_padding_its_chunk_would_cost_more(prompt_len: int,
+                                                                 widths: list[int]) -> None:
+    """A chunk's width is padded to a power of two. By the cost model's prices (160 a call, 12
+    a padded position) a prompt just past a power of two runs that power now and the rest
+    after, instead of paying for nearly twice its positions."""
+    steps = [calls for calls in _prefill_widths(prompt_len) if calls]
+    assert [t for calls in steps for _, t, _ in calls] == widths, steps
+    assert sum(n for calls in steps for *_, n in calls) in (prompt_len, prompt_len - 1)
+
+
+def test_prompts_arriving_together_fill_the_budget_with_real_tokens() -> None:
+    """Sixteen 141-token prompts: each step's prefill calls carry at least 75% real tokens
+    (one 256-wide call per prompt, as before, carried 55%)."""
+    steps = [calls for calls in _prefill_widths(141, prompts=16) if calls]
+    padded = sum(s * t for calls in steps for s, t, _ in calls)
+    real = sum(n for calls in steps for *_, n in calls)
+    assert real >= 0.75 * padded, (real, padded, steps)
