@@ -45,7 +45,8 @@ class SchedulerConfig:
     # The decode length-class cost model, in "row-blocks" (one sequence's one block of past
     # gathered and attended): a graph call's fixed cost and a decode row's fixed cost. Measured
     # on SmolLM2-135M, 2 Zen 4 cores (fp32 and int4 alike): ~18 ms a call, ~1.2 ms a row,
-    # ~0.1 ms a row-block. Only speed depends on them: answers are batch-invariant.
+    # ~0.1 ms a row-block. The same two prices decide where a prompt is cut into prefill chunks
+    # (core/scheduler.py, prefill_chunk). Only speed depends on them: answers are batch-invariant.
     decode_call_cost: int = 160
     decode_row_cost: int = 12
     # Length classes per decode step; 1: one call for every decoder, padded to the longest (the
