@@ -58,6 +58,13 @@ PORTABLE_INT8_ORT_CONFIG = {"session.disable_quant_qdq": "1"}
 PORTABLE_ORT_CONFIG = PORTABLE_INT8_ORT_CONFIG
 
 
+INT8_KERNELS = ("blocks", "rows", "mixed")
+# --int8-kernel mixed: the layers on MatMulInteger. gate_up carries half the body's multiply-adds
+# and its input is an RMSNorm's output, smoothed, which a per-row scale covers; adding qkv
+# (also fed by a norm) measured top-1 96.60% instead of 97.02% on SmolLM2 (README)
+ROWS_IN_MIXED = ("mlp.gate_up_proj",)
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     precision: str = "fp32"
@@ -82,6 +89,7 @@ class QuantConfig:
     # channel AND block of `int8_block` inputs, activations quantized per row and block inside
     # the kernel. "rows": per-channel weights, per-row activation scales, u8u8 MatMulInteger:
     # faster at batch >= 16 and in prefill, but measurably less accurate on SmolLM2 (README).
+    # "mixed": rows for the MLP's gate_up projection only (ROWS_IN_MIXED), blocks elsewhere.
     int8_kernel: str = "blocks"
     # 32 by default; 64 is faster (SmolLM2 int8, float16 pool, Zen 4: graph steps 0.88-0.90x
     # the time, perplexity +0.26% instead of +0.20%, top-1 97.44% instead of 97.53%; with a
@@ -119,8 +127,8 @@ class QuantConfig:
                 "--kv-write in-place needs --kv-dtype float16: written into a float32 pool's "
                 "gathered past, ORT keeps every layer's copy alive to the end of the call "
                 "(SmolLM2: 770 MiB of activations instead of 65 at 16 sequences over 1k tokens)")
-        if self.int8_kernel not in ("blocks", "rows"):
-            raise ValueError("int8 kernel must be 'blocks' or 'rows'")
+        if self.int8_kernel not in INT8_KERNELS:
+            raise ValueError(f"int8 kernel must be one of {', '.join(INT8_KERNELS)}")
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"KV dtype must be one of {KV_DTYPES}")
         if self.activation_dtype == "float16" and self.kv_dtype == "float32":
@@ -168,6 +176,15 @@ class QuantConfig:
     def kv_pool_dtype(self) -> str:
         """The KV pools' and new_kv's dtype: kv_dtype, "auto" being the activation dtype."""
         return self.activation_dtype if self.kv_dtype == "auto" else self.kv_dtype
+
+    def int8_kernel_of(self, layer: str) -> str:
+        """The cpu int8 kernel of one layer. "mixed" runs the MLP's gate_up on MatMulInteger,
+        whose u8u8 kernel is 2-3x MatMulNBits' 8-bit speed at 16+ rows on AVX2 without VNNI
+        (README), and keeps the blocked kernel where per-token outliers need its per-block
+        activation scales (o_proj, down_proj, the head)."""
+        if self.int8_kernel != "mixed":
+            return self.int8_kernel
+        return "rows" if any(p in layer for p in ROWS_IN_MIXED) else "blocks"
 
     @property
     def weight_only_layers(self) -> tuple[str, ...]:
@@ -374,7 +391,7 @@ class QuantizedGraphBuilder(DecoderGraphBuilder):
             folded = name in self._folded  # its input arrives divided by s already
             inv = None if smooth is None or folded else b.const(
                 1.0 / smooth, name + ".smooth_inv", self.np_act)
-            if q.flavour == "cpu" and q.int8_kernel == "blocks":
+            if q.flavour == "cpu" and q.int8_kernel_of(name) == "blocks":
                 self.opsets[MS_DOMAIN] = 1
                 grid = Grid(8, choose_block(w.shape[1], q.int8_block, "cpu"), True, None,
                             q.scale_dtype)

@@ -44,6 +44,9 @@ EXPORTS = {  # bundle flavour -> `edgert export` precision arguments
                  "--kv-dtype", "float16"],
     # int8kv16 with blocks of 64 inputs per scale instead of 32
     "int8kv16b64": ["--precision", "int8", "--kv-dtype", "float16", "--int8-block", "64"],
+    # int8kv16b64 with the MLP's gate_up on MatMulInteger (--int8-kernel mixed): for AVX2
+    "int8mixkv16b64": ["--precision", "int8", "--kv-dtype", "float16", "--int8-block", "64",
+                       "--int8-kernel", "mixed"],
     # int4 with MatMulNBits' own uint8 zero points instead of a float minimum: no second GEMM,
     # but Q4_1's minimum off its grid (measured +11.9% perplexity, top-1 83.7%)
     "int4kv16z": ["--precision", "int4", "--group-size", "32", "--asymmetric", "--zero-point",
