@@ -45,7 +45,7 @@ from edgert.core.block_allocator import BlockAllocator
 from edgert.core.plan import StepPlan
 from edgert.core.scheduler import RequestRejected, Scheduler
 from edgert.core.sequence import Sequence, Status
-from edgert.core.shapes import ShapeMenu
+from edgert.core.shapes import FINE_ROWS, FINE_SPAN, ShapeMenu, bucket, span_bucket
 from edgert.sampling_params import SamplingParams
 
 EOS = 0  # the fake model's end-of-sequence token; prompts use 1..3, samples 0..3
@@ -702,6 +702,33 @@ def test_a_lone_stream_decodes_with_a_padding_token_where_the_menu_asks(usable: 
     assert len(decodes) == total - 21
     assert {(len(c.rows), len(c.rows[0].tokens), c.shape[:2]) for c in decodes} == {(1, 1, (1, 2))}
     assert max(c.shape[2] for c in decodes) == usable and eng.counts.reasons["length"] == 1
+
+
+@pytest.mark.parametrize("streams", [1, 8])
+def test_long_decode_tables_pad_a_quarter_octave_in_narrow_calls(streams: int) -> None:
+    """Past FINE_SPAN blocks a call of up to FINE_ROWS rows pads its table by at most 1.25x (a
+    4,100-token row read 384 blocks on the 1.5x ladder, 320 now); wider calls keep the 1.5x
+    ladder. Every call's shape is on the warmed menu (FakeEngine checks)."""
+    eng = FakeEngine(usable_blocks=1200, block_size=2, max_num_seqs=8, max_model_len=400)
+    eng.record_plans = True
+    for _ in range(streams):
+        eng.submit([1] * 120, _ignore_eos(max_tokens=250))
+    eng.drain()
+    decodes = [c for plan in eng.plans for c in plan.calls if c.is_decode]
+
+    def pad(call) -> float:
+        return call.shape[2] / eng.menu.span(max(r.start for r in call.rows), 1)
+
+    narrow = [c for c in decodes if bucket(len(c.rows)) <= FINE_ROWS]
+    wide = [c for c in decodes if c not in narrow]
+    assert all(c.shape[2] == span_bucket(c.shape[2]) for c in narrow)
+    assert all(c.shape[2] == bucket(c.shape[2]) for c in wide)
+    long = [c for c in (narrow if streams <= FINE_ROWS else wide) if c.shape[2] > FINE_SPAN]
+    assert len(long) > 50, "the rows read past FINE_SPAN blocks for many steps"
+    if streams <= FINE_ROWS:
+        assert max(map(pad, long)) <= 1.25
+    else:
+        assert max(map(pad, long)) > 1.25
 
 
 def _stale_cow_engine() -> FakeEngine:

@@ -6,7 +6,9 @@ a GPU backend can capture one graph per shape. The menu is kept small where a sh
 to warm (long prefill chunks over long pasts) and fine where padding would cost the most (decode
 batches, which run every step).
 
-- decode (T = 1): S and B on the 1.5x ladder (1, 2, 3, 4, 6, 8, 12, ...), with the padded work
+- decode (T = 1): S and B on the 1.5x ladder (1, 2, 3, 4, 6, 8, 12, ...), except that calls of
+  up to four rows pad tables longer than 64 blocks on a 1.25x ladder (80, 96, 112, 128, 160,
+  ...: `span_bucket`), where the gather over padding costs the most; with the padded work
   S x B bounded by what the pool can hold (twice its blocks), so one long sequence never pads
   fifteen short ones: the scheduler splits such a batch by length instead. Where the backend
   gives a lone row other bits than the same row beside another (a kernel's one-row path; the
@@ -35,6 +37,25 @@ def bucket(n: int) -> int:
     p = 1 << (n - 1).bit_length()
     three = 3 * p // 4
     return three if three >= n else p
+
+
+# Decode tables longer than FINE_SPAN blocks pad to a quarter octave, not a half, in calls of up
+# to FINE_ROWS rows: a long row's step is mostly the gather and attention over its padded table,
+# every step. Measured on SmolLM2 int8 (Zen 4, one row, distinct blocks): 35 ms over 257-320
+# blocks, 45 ms over 384, the bucket a 4,100-token context took on the 1.5x ladder. Wider calls
+# keep the 1.5x ladder: the pool bounds their tables anyway, and every added shape is warmed at
+# start (a 16k-token pool: 270 -> 294 shapes, 19.2 -> 20.9 s; for every row count, 308 and 23.6 s).
+FINE_SPAN = 64
+FINE_ROWS = 4
+
+
+def span_bucket(n: int) -> int:
+    """A decode call's table width: bucket(n) up to FINE_SPAN blocks, then the smallest of
+    2^k * (1, 1.25, 1.5, 1.75) that is >= n: at most 1.25x padding, four values per octave."""
+    if n <= FINE_SPAN:
+        return bucket(n)
+    quarter = 1 << ((n - 1).bit_length() - 3)  # an eighth of the next power of two
+    return -(-n // quarter) * quarter
 
 
 def pow2(n: int) -> int:
@@ -93,7 +114,8 @@ class ShapeMenu:
 
     # ---- shapes of calls ------------------------------------------------------------------
     def decode_shape(self, rows: int, span: int) -> Shape:
-        return bucket(rows), 1, bucket(span)
+        s = bucket(rows)
+        return s, 1, span_bucket(span) if s <= FINE_ROWS else bucket(span)
 
     def prefill_shape(self, rows: int, tokens: int, span: int) -> Shape:
         s, t = pow2(rows), pow2(max(tokens, 2))
@@ -137,8 +159,10 @@ class ShapeMenu:
         least = 1 + self.pad_lone_decode
         s_ladder = sorted({bucket(n) for n in range(least, self.max_num_seqs + 1)})
         b_ladder = sorted({bucket(n) for n in range(1, self.max_blocks + 1)})
+        spans = sorted({span_bucket(n) for n in range(1, self.max_blocks + 1)})
         for s in s_ladder:
-            shapes.update((s, 1, b) for b in b_ladder if self.decode_ok((s, 1, b)))
+            shapes.update((s, 1, b) for b in (spans if s <= FINE_ROWS else b_ladder)
+                          if self.decode_ok((s, 1, b)))
         s_pow = [1 << k for k in range(pow2(self.max_num_seqs).bit_length())]
         t = 2
         while t <= self.t_max:
