@@ -36,16 +36,20 @@ class BackendConfig:
                              f"not {self.spinning!r}")
 
 
+COST_BLOCK_TOKENS = 16  # the tokens of past one unit of the decode cost model prices
+
+
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 16  # running sequences at once (the decode batch)
     max_num_batched_tokens: int = 256  # padded prefill tokens per step
     max_model_len: int = 2048  # prompt + output tokens a sequence may reach
     max_waiting: int = 256  # backpressure: beyond this, new requests are refused
-    # The decode length-class cost model, in "row-blocks" (one sequence's one block of past
-    # gathered and attended): a graph call's fixed cost and a decode row's fixed cost. Measured
-    # on SmolLM2-135M, 2 Zen 4 cores (fp32 and int4 alike): ~18 ms a call, ~1.2 ms a row,
-    # ~0.1 ms a row-block. The same two prices decide where a prompt is cut into prefill chunks
+    # The decode length-class cost model, in "row-blocks" (one sequence's 16 tokens of past
+    # gathered and attended; COST_BLOCK_TOKENS, scaled to the pool's block size): a graph call's
+    # fixed cost and a decode row's fixed cost. Measured on SmolLM2-135M, 2 Zen 4 cores (fp32 and
+    # int4 alike): ~18 ms a call, ~1.2 ms a row, ~0.1 ms a row-block. The same two prices decide
+    # where a prompt is cut into prefill chunks
     # (core/scheduler.py, prefill_chunk). Only speed depends on them: answers are batch-invariant.
     decode_call_cost: int = 160
     decode_row_cost: int = 12

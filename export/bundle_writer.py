@@ -16,7 +16,7 @@ import onnx
 from tqdm import tqdm
 
 from edgert import __version__
-from edgert.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from edgert.bundle import DEFAULT_BLOCK_SIZE, FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from export.calibration import Calibration
 from export.checkpoint import Checkpoint
 from export.graph import FLOAT32_ISLANDS, IO, build_decoder
@@ -37,7 +37,8 @@ def graph_io_manifest(num_layers: int) -> dict[str, Any]:
     }
 
 
-def write_bundle(ckpt: Checkpoint, out: Path, *, block_size: int = 16, progress: bool = True,
+def write_bundle(ckpt: Checkpoint, out: Path, *, block_size: int = DEFAULT_BLOCK_SIZE,
+                 progress: bool = True,
                  name: str | None = None, overwrite: bool = False,
                  quant: QuantConfig | None = None, calibration: Calibration | None = None
                  ) -> Path:

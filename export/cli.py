@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edgert.bundle import DEFAULT_BLOCK_SIZE
+
 if TYPE_CHECKING:
     from export.quantize import QuantConfig
 
@@ -43,8 +45,9 @@ def register_export(sub: argparse._SubParsersAction) -> None:
                     "tokenizer and a manifest with checksums.")
     p.add_argument("src", help="checkpoint directory, .gguf file, or known model name")
     p.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to write")
-    p.add_argument("--block-size", type=int, default=16,
-                   help="default KV block size (tokens) recorded in the manifest (default 16)")
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                   help="default KV block size (tokens) recorded in the manifest; `edgert serve "
+                        f"--block-size` overrides it (default {DEFAULT_BLOCK_SIZE})")
     p.add_argument("--name", default=None, help="model name served by the runtime")
     p.add_argument("--force", action="store_true",
                    help="replace an existing bundle, and keep one that fails the quality gate")

@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from edgert.bundle import DENSE_PAST
+from edgert.bundle import DEFAULT_BLOCK_SIZE, DENSE_PAST
 from edgert.model_config import ModelConfig
 from export.bundle_writer import MODEL_FILE, finish_bundle, pool_manifest, staging_dir
 from export.checkpoint import Checkpoint
@@ -49,7 +49,8 @@ class OptimumExportError(ValueError):
     """SRC cannot go through optimum into a dense-past bundle; the message says why."""
 
 
-def export_via_optimum(src: str | Path, out: str | Path, *, block_size: int = 16,
+def export_via_optimum(src: str | Path, out: str | Path, *,
+                       block_size: int = DEFAULT_BLOCK_SIZE,
                        name: str | None = None, overwrite: bool = False, progress: bool = True,
                        cache_dir: Path | None = None, timeout: float | None = 3600) -> Path:
     """Export SRC (a HF checkpoint directory) through optimum and write the bundle at `out`."""

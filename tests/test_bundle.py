@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from edgert.bundle import Bundle, BundleError
+from edgert.bundle import DEFAULT_BLOCK_SIZE, Bundle, BundleError
 from tests.tiny_models import make_tiny
 
 
@@ -50,7 +50,7 @@ def test_info_cli(tiny_bundle):
 def test_manifest_records_what_the_runtime_needs(tiny_bundle):
     m = Bundle.load(tiny_bundle).manifest
     assert m["graph"]["opset"] == 21 and m["precision"] == "fp32"
-    assert m["kv"]["null_block"] == 0 and m["kv"]["block_size"] == 16
+    assert m["kv"]["null_block"] == 0 and m["kv"]["block_size"] == DEFAULT_BLOCK_SIZE == 32
     assert set(m["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
     assert m["provenance"]["kind"] == "hf"
     assert len(m["graph"]["pools"]) == 2

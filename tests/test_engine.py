@@ -102,14 +102,18 @@ def test_batched_equals_sequential(llm, alone, smollm2_bundle):
     assert engine.pool_usage().used == 0
 
 
-PER_BLOCK = 2 * 30 * 3 * 64 * 4 * 16  # SmolLM2-135M: K and V of 30 layers x 3 heads x 64, fp32
+# SmolLM2-135M: K and V of 30 layers x 3 heads x 64, fp32, in blocks of 16 tokens (the tests below
+# were sized for them; bundles default to 32)
+SMALL_BLOCK = 16
+PER_BLOCK = 2 * 30 * 3 * 64 * 4 * SMALL_BLOCK
 
 
 def test_small_pool_waits_and_preempts_yet_completes(llm, alone, smollm2_bundle):
     """A pool of 10 blocks x 16 tokens cannot hold 8 sequences of ~40 tokens: requests wait and
     running ones are preempted and recomputed (with the prefix cache on, so a recomputation is
     served from the blocks it left behind); every output is still exactly the greedy one."""
-    engine = _engine(smollm2_bundle, kv_memory=11 * PER_BLOCK, enable_prefix_caching=True)
+    engine = _engine(smollm2_bundle, kv_memory=11 * PER_BLOCK, block_size=SMALL_BLOCK,
+                     enable_prefix_caching=True)
     assert engine.block_bytes == PER_BLOCK and engine.allocator.usage().total == 10
     outs = _run_staggered(engine, PROMPTS, GREEDY, arrive_every=1)
     assert engine.stats.preemptions > 0
@@ -315,7 +319,8 @@ def test_seeded_sampling_survives_preemption(llm, smollm2_bundle):
         for c in range(sp.n):
             ch = llm.generate(p, replace(sp, n=1, seed=child_seed(sp.seed, c)))[0].choices[0]
             want[i, c] = list(zip(ch.token_ids, ch.logprobs))
-    engine = _engine(smollm2_bundle, kv_memory=9 * PER_BLOCK, enable_prefix_caching=True)
+    engine = _engine(smollm2_bundle, kv_memory=9 * PER_BLOCK, block_size=SMALL_BLOCK,
+                     enable_prefix_caching=True)
     rids = {engine.add_request(p, sp): i for i, (p, sp) in enumerate(zip(prompts, params))}
     preempted, schedule = [], engine.scheduler.schedule
 

@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
-from edgert.config import SchedulerConfig
+from edgert.config import COST_BLOCK_TOKENS, SchedulerConfig
 from edgert.core.block_allocator import BlockAllocator, NoFreeBlocks
 from edgert.core.plan import Call, Row, StepPlan
 from edgert.core.prompt_lookup import propose
@@ -309,9 +309,12 @@ class Scheduler:
         def shape(lo: int, hi: int) -> Shape:
             return self._shape(hi - lo, 1, items[hi - 1].num_computed)
 
+        per = COST_BLOCK_TOKENS  # the prices are per 16 tokens of past: scaled to the blocks'
+
         def cost(lo: int, hi: int) -> int:
             s, t, b = shape(lo, hi)  # each padded position's row cost, each row's gather
-            return cfg.decode_call_cost + s * (t * cfg.decode_row_cost + b)
+            return per * cfg.decode_call_cost + s * (t * per * cfg.decode_row_cost
+                                                     + b * menu.block_size)
 
         n = len(items)
         groups = [(0, n)]

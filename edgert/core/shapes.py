@@ -7,7 +7,7 @@ to warm (long prefill chunks over long pasts) and fine where padding would cost 
 batches, which run every step).
 
 - decode (T = 1): S and B on the 1.5x ladder (1, 2, 3, 4, 6, 8, 12, ...), except that calls of
-  up to four rows pad tables longer than 64 blocks on a 1.25x ladder (80, 96, 112, 128, 160,
+  up to four rows pad tables longer than 32 blocks on a 1.25x ladder (40, 48, 56, 64, 80,
   ...: `span_bucket`), where the gather over padding costs the most; with the padded work
   S x B bounded by what the pool can hold (twice its blocks), so one long sequence never pads
   fifteen short ones: the scheduler splits such a batch by length instead. Where the backend
@@ -41,11 +41,12 @@ def bucket(n: int) -> int:
 
 # Decode tables longer than FINE_SPAN blocks pad to a quarter octave, not a half, in calls of up
 # to FINE_ROWS rows: a long row's step is mostly the gather and attention over its padded table,
-# every step. Measured on SmolLM2 int8 (Zen 4, one row, distinct blocks): 35 ms over 257-320
-# blocks, 45 ms over 384, the bucket a 4,100-token context took on the 1.5x ladder. Wider calls
-# keep the 1.5x ladder: the pool bounds their tables anyway, and every added shape is warmed at
-# start (a 16k-token pool: 270 -> 294 shapes, 19.2 -> 20.9 s; for every row count, 308 and 23.6 s).
-FINE_SPAN = 64
+# every step. Measured on SmolLM2 int8 (Zen 4, one row, distinct blocks of 16): 35 ms over
+# 257-320 blocks, 45 ms over 384, the bucket a 4,100-token context took on the 1.5x ladder. Wider
+# calls keep the 1.5x ladder: the pool bounds their tables anyway, and every added shape is warmed
+# at start (a 16k-token pool: 270 -> 294 shapes, 19.2 -> 20.9 s; for every row count, 308 and
+# 23.6 s). 32 blocks: past 1,024 tokens in the default blocks of 32, where 64 blocks of 16 were.
+FINE_SPAN = 32
 FINE_ROWS = 4
 
 
