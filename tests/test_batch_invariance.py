@@ -175,12 +175,13 @@ def _check_invariance(bundle, label: str, prompts: list[list[int]] | None = None
     alone = {}
     for i, p in enumerate(prompts):
         alone[i] = _run(single, [p], 1)[0]
-    per_block = single.block_bytes
+    per_16 = single.block_bytes * 16 // single.block_size  # the pool's bytes for 16 tokens
     variants = {
         "batched, prefix cache on": (dict(), 2),
         "chunked prefill (16-token budget)": (dict(max_num_batched_tokens=16), 1),
-        "small pool: waits and preemptions": (dict(kv_memory=7 * per_block,
-                                                   enable_prefix_caching=False), 1),
+        # 7 blocks of 16 tokens, which the runs alone (the bundle's blocks of 32) never read
+        "small pool of 16-token blocks: waits and preemptions": (
+            dict(kv_memory=7 * per_16, block_size=16, enable_prefix_caching=False), 1),
         "three at a time": (dict(max_num_seqs=3), 1),
     }
     for name, (kw, stagger) in variants.items():

@@ -49,7 +49,7 @@ def test_without_a_cache_every_token_recomputes_the_context(claims):
     block of the history, and the decode rows, so its cost stays flat as the talk grows."""
     _, res = claims
     sizes, kv = res["sizes"], res["kv_cache"]
-    t, block = sizes["turn_tokens"], 16
+    t, block = sizes["turn_tokens"], res["memory"]["block_size"]  # the same engine's blocks
     for turn in kv["turns"]:
         assert turn["without_computed"] == t * turn["context"] + t * (t - 1) // 2
         assert turn["with_computed"] <= sizes["user_tokens"] + block + t - 1

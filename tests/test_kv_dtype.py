@@ -75,11 +75,13 @@ def tiny(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def llama_pair(tmp_path_factory):
     """One tiny Llama exported with a float32 and with a float16 pool, and int8 cpu with a
-    float16 pool (round to nearest, no smoothing: no calibration needed)."""
+    float16 pool (round to nearest, no smoothing: no calibration needed), in blocks of 16 tokens:
+    the prompts below are sized for them."""
     root = tmp_path_factory.mktemp("pair")
     _, ckpt_dir = make_tiny("llama", root / "hf", seed=5)
     ckpt = load_source(ckpt_dir)
-    return {key: Bundle.load(write_bundle(ckpt, root / key, progress=False, quant=q))
+    return {key: Bundle.load(write_bundle(ckpt, root / key, block_size=16, progress=False,
+                                          quant=q))
             for key, q in (("kv32", None), ("kv16", KV16),
                            ("int8-kv16", QuantConfig(precision="int8", method="rtn",
                                                      smooth_alpha=0, kv_dtype="float16")))}

@@ -68,8 +68,8 @@ def test_small_pool_shared_system_prompt_waves(smollm2_bundle, tmp_path):
     # to ~110 tokens at once: requests wait, running ones are preempted and recomputed. (The
     # first cut's engine died on this within ~40 steps.)
     sock = tmp_path / "p.sock"
-    srv = ServerProcess(smollm2_bundle.path, sock, "--kv-memory", "6.5MiB", "--max-num-seqs",
-                        "16", "--max-num-batched-tokens", "64")
+    srv = ServerProcess(smollm2_bundle.path, sock, "--kv-memory", "6.5MiB", "--block-size", "16",
+                        "--max-num-seqs", "16", "--max-num-batched-tokens", "64")
     try:
         srv.wait_healthy()
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)),
