@@ -36,7 +36,7 @@ class BackendConfig:
                              f"not {self.spinning!r}")
 
 
-COST_BLOCK_TOKENS = 16  # the tokens of past one unit of the decode cost model prices
+COST_BLOCK_TOKENS = 16  # tokens of past in one row-block of the decode cost model below
 
 
 @dataclass

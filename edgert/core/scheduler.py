@@ -309,7 +309,7 @@ class Scheduler:
         def shape(lo: int, hi: int) -> Shape:
             return self._shape(hi - lo, 1, items[hi - 1].num_computed)
 
-        per = COST_BLOCK_TOKENS  # the prices are per 16 tokens of past: scaled to the blocks'
+        per = COST_BLOCK_TOKENS  # prices are per 16 tokens of past, whatever the block size
 
         def cost(lo: int, hi: int) -> int:
             s, t, b = shape(lo, hi)  # each padded position's row cost, each row's gather
