@@ -1,10 +1,11 @@
 """Tiny random checkpoints of architectures the native graph does not build, made INSIDE the
 optimum exporter's venv (transformers 4.57): a checkpoint saved by the main venv's transformers
 5.x may not load there (rope_parameters vs rope_theta), and the reference is transformers' own
-forward either way. Run as a script: `python tests/optimum_tiny.py ARCH OUT_DIR`; writes the
-checkpoint, a word-level tokenizer.json, and reference.npz (ids [n], logits [n, vocab]: one
-causal forward over the whole sequence, so row i is what position i must produce after a
-prefill of any length and decodes up to i).
+forward either way. Run as a script: `python tests/optimum_tiny.py ARCH OUT_DIR [ARCH OUT_DIR
+...]` (one torch import for them all); writes, per pair, the checkpoint, a word-level
+tokenizer.json, and reference.npz (ids [n], logits [n, vocab]: one causal forward over the whole
+sequence, so row i is what position i must produce after a prefill of any length and decodes up
+to i).
 
 Attention is kept far from uniform (large initializer_range, low rope_theta) and the KV geometry
 off the defaults (GQA where the architecture has it, head_dim != hidden / heads where it allows
@@ -69,4 +70,5 @@ def make(arch: str, out: Path, seed: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    make(sys.argv[1], Path(sys.argv[2]))
+    for arch, out in zip(sys.argv[1::2], sys.argv[2::2], strict=True):
+        make(arch, Path(out))

@@ -214,13 +214,12 @@ def test_unpermute_inverts_llama_cpp(n_head: int, half: int, cols: tuple[int, ..
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf: Path) -> tuple[Checkpoint, Any, Any]:
-    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF")
+def smollm2(smollm2_gguf: Path, smollm2_reference) -> tuple[Checkpoint, Any, Any]:
+    """Ours beside transformers' loading of the same file (the session's, shared with the
+    export's greedy check: reading the GGUF in transformers takes 25-45 s)."""
     ckpt = load_gguf(smollm2_gguf, progress=False)
-    kw = {"gguf_file": smollm2_gguf.name}
-    model = tf.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype=torch.float32, **kw)
-    tokenizer = tf.AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kw)
-    return ckpt, model, tokenizer
+    tokenizer = tf.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    return ckpt, smollm2_reference, tokenizer
 
 
 def test_smollm2_weights_match_transformers(smollm2: tuple[Checkpoint, Any, Any]) -> None:

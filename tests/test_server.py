@@ -1,9 +1,9 @@
 """The service end to end: a real `edgert serve` process on a temporary Unix socket with the real
 model, driven by real clients (httpx, edgert.client, the openai package).
 
-One server process is shared by the module (loading and warming it costs ~10 s); tests that
-need their own process (SIGTERM, sd_notify, socket activation) are in test_systemd.py. Tests
-here leave the server idle, so each can check that every KV block is free afterwards."""
+One server process is shared by the module; tests that need their own process (SIGTERM,
+sd_notify, socket activation) are in test_systemd.py. Tests here leave the server idle, so each
+can check that every KV block is free afterwards."""
 
 from __future__ import annotations
 
@@ -37,16 +37,20 @@ _SYSTEMD_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
 # ---- a real server process ---------------------------------------------------------------------
 
 class ServerProcess:
-    """`python -m edgert serve` as a child process, with its log kept for failure messages."""
+    """`python -m edgert serve` as a child process, with its log kept for failure messages.
+    Without `warmup`, the server starts with --no-warmup: running every shape first took 19 of a
+    SmolLM2 server's 23.5 s to READY on a slow Zen 3, and it changes no answer, only when ORT
+    first meets a shape (test_systemd's sd_notify test keeps it: READY=1 must follow it)."""
 
     def __init__(self, bundle: Path | str, sock: Path, *extra: str, env: dict[str, str] | None
                  = None, argv_prefix: list[str] | None = None, pass_fds: tuple[int, ...] = (),
-                 socket_arg: bool = True):
+                 socket_arg: bool = True, warmup: bool = False):
         self.sock = sock
         self.log_path = sock.parent / f"{sock.name}.log"
         argv = [*(argv_prefix or [sys.executable]), "-m", "edgert", "serve", str(bundle),
                 *(["--socket", str(sock)] if socket_arg else []),
-                "--kv-memory", "64MiB", "--max-model-len", "1024", *extra]
+                "--kv-memory", "64MiB", "--max-model-len", "1024",
+                *([] if warmup else ["--no-warmup"]), *extra]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         # Whatever systemd context the test runner itself has must not leak into the server.
         base = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_VARS}

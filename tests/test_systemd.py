@@ -64,7 +64,7 @@ def test_sigterm_drains_8_streams(smollm2_bundle, tmp_path):
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(sock))
     stale.close()
-    srv = ServerProcess(smollm2_bundle.path, sock, "--no-warmup", *SMALL)
+    srv = ServerProcess(smollm2_bundle.path, sock, *SMALL)
     try:
         srv.wait_healthy()
         assert "replacing stale socket" in srv.log
@@ -142,7 +142,7 @@ def test_sd_notify_ready_after_warmup_and_watchdog(smollm2_bundle, tmp_path):
     srv = ServerProcess(smollm2_bundle.path, sock, "--max-num-seqs", "2",
                         "--max-num-batched-tokens", "32", "--max-model-len", "256",
                         env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
-                             "WATCHDOG_USEC": "1000000"})
+                             "WATCHDOG_USEC": "1000000"}, warmup=True)
     messages: list[tuple[float, str]] = []
 
     def recv_until(pred, timeout: float) -> None:
@@ -251,7 +251,7 @@ def test_socket_activation(smollm2_bundle, tmp_path):
     fd = listener.fileno()
     # --socket names the same path: were the passed fd ignored, the server would find a live
     # socket there and refuse to start.
-    srv = ServerProcess(smollm2_bundle.path, sock, "--no-warmup", *SMALL,
+    srv = ServerProcess(smollm2_bundle.path, sock, *SMALL,
                         argv_prefix=[sys.executable, "-c", _ACTIVATE, str(fd)], pass_fds=(fd,))
     try:
         srv.wait_healthy()
